@@ -1,0 +1,1 @@
+"""Data engine: images in, annotated Parquet shards out (Ray Data: tag, detect, caption)."""

@@ -1,0 +1,1 @@
+"""The IFG benchmark: generation runners, metrics (IFS rate, AP, CLIP score, FID) and reports."""

@@ -1,0 +1,258 @@
+"""IFAdapter: appearance tokens and ISM layers, attached to a stock diffusers UNet.
+
+The module owns every trainable weight (resampler, box embedding, one ``ISMLayer`` per controlled
+cross-attention layer) and nothing of the base model: ``install`` puts an
+``IFAdapterAttnProcessor`` on the chosen layers of an unmodified ``UNet2DConditionModel``, and the
+processors read the conditioning that this module activates around a UNet call. The UNet's own
+state dict therefore stays the base model's, and a checkpoint holds the adapter alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ifadapter.attention_processor import IFAdapterAttnProcessor, InstanceConditioning, ISMLayer
+from ifadapter.box_embedding import BoxEmbedding
+from ifadapter.resampler import Resampler
+from ifadapter.text import InstanceFeatures
+
+WEIGHTS_NAME = "ifadapter.safetensors"
+
+# Released configuration: the first four transformer blocks of the mid block and of each
+# attention of up_blocks.0, i.e. 16 cross-attention layers at the lowest resolution on SDXL.
+DEFAULT_LAYER_PATTERNS = (
+    "mid_block.attentions.0.transformer_blocks.[0-3].attn2",
+    "up_blocks.0.attentions.*.transformer_blocks.[0-3].attn2",
+)
+
+
+def _module_key(layer: str) -> str:
+    """ModuleDict keys cannot hold dots."""
+    return layer.replace(".", "__")
+
+
+class IFAdapter(ModelMixin, ConfigMixin):
+    """Instance feature adapter; every size is a config value saved with the checkpoint."""
+
+    config_name = "config.json"
+
+    @register_to_config
+    def __init__(
+        self,
+        layers: Sequence[str],
+        layer_channels: Sequence[int],
+        cross_attention_dim: int = 2048,
+        text_encoder_layers: Sequence[int] = (-2, -4, -6),
+        num_queries: int = 4,
+        resampler_width: int = 2560,
+        resampler_depth: int = 4,
+        resampler_heads: int = 20,
+        resampler_dim_head: int = 128,
+        resampler_ff_mult: int = 4,
+        fourier_freqs: int = 64,
+        fourier_temperature: float = 100.0,
+        box_embed_hidden: int = 512,
+        fusion_reduction: int = 16,
+        fusion_kernel: int = 7,
+        appearance_tokens: bool = True,
+        eot_token: bool = True,
+    ) -> None:
+        super().__init__()
+        if len(layers) != len(layer_channels):
+            raise ValueError("layers and layer_channels must have the same length")
+        if not layers:
+            raise ValueError("an IFAdapter needs at least one cross-attention layer to control")
+        if not (appearance_tokens or eot_token):
+            raise ValueError("an instance needs appearance tokens, its EoT token, or both")
+        self.resampler = (
+            Resampler(
+                input_dim=cross_attention_dim,
+                output_dim=cross_attention_dim,
+                width=resampler_width,
+                depth=resampler_depth,
+                heads=resampler_heads,
+                dim_head=resampler_dim_head,
+                num_queries=num_queries,
+                ff_mult=resampler_ff_mult,
+            )
+            if appearance_tokens
+            else None
+        )
+        self.box_embedding = BoxEmbedding(
+            cross_attention_dim, fourier_freqs, fourier_temperature, box_embed_hidden
+        )
+        self.ism_layers = nn.ModuleDict(
+            {
+                _module_key(name): ISMLayer(channels, cross_attention_dim, fusion_reduction, fusion_kernel)
+                for name, channels in zip(layers, layer_channels, strict=True)
+            }
+        )
+        self._conditioning: InstanceConditioning | None = None
+
+    # ----------------------------------------------------------------- construction
+
+    @classmethod
+    def for_unet(
+        cls, unet: UNet2DConditionModel, layer_patterns: Sequence[str] = DEFAULT_LAYER_PATTERNS, **config
+    ) -> IFAdapter:
+        """A fresh adapter for the cross-attention layers of ``unet`` matching ``layer_patterns``."""
+        layers = _match_layers(unet, layer_patterns)
+        channels = [_attention(unet, name).to_q.out_features for name in layers]
+        config.setdefault("cross_attention_dim", unet.config.cross_attention_dim)
+        return cls(layers=layers, layer_channels=channels, **config)
+
+    @property
+    def tokens_per_instance(self) -> int:
+        cfg = self.config
+        k = len(cfg.text_encoder_layers)
+        return k * cfg.num_queries * cfg.appearance_tokens + cfg.eot_token
+
+    def ism_layer(self, name: str) -> ISMLayer:
+        return self.ism_layers[_module_key(name)]
+
+    def install(self, unet: UNet2DConditionModel) -> None:
+        """Puts the ISM processor on the adapter's layers; other processors stay as they are."""
+        processors = unet.attn_processors
+        for name, channels in zip(self.config.layers, self.config.layer_channels, strict=True):
+            key = f"{name}.processor"
+            if key not in processors:
+                raise ValueError(f"the UNet has no attention layer {name!r} for this adapter")
+            attention = _attention(unet, name)
+            if attention.is_cross_attention is False or attention.to_q.out_features != channels:
+                raise ValueError(
+                    f"layer {name!r} is not a {channels}-channel cross-attention layer of this UNet"
+                )
+            if attention.to_out[0].out_features != channels:
+                raise ValueError(f"layer {name!r} changes width in to_out; the ISM cannot add to it")
+            processors[key] = IFAdapterAttnProcessor(name, self.ism_layer(name), self)
+        unet.set_attn_processor(processors)
+
+    # ----------------------------------------------------------------- conditioning
+
+    def instance_tokens(
+        self, features: InstanceFeatures, keep_local: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Appearance tokens + EoT token + box embedding per instance: (B, N, S, D).
+
+        ``keep_local`` (B,) scales the description-derived tokens per layout: 0 gives the
+        unconditional branch of guidance (and the training dropout), which keeps the box
+        embedding. Padding slots stay exactly zero.
+        """
+        mask = features.mask
+        words, word_mask = features.words[mask], features.word_mask[mask]  # (M, k, T, D), (M, T)
+        count, layers, length, dim = words.shape
+        parts = []
+        if self.resampler is not None:
+            appearance = self.resampler(
+                words.reshape(count * layers, length, dim),
+                word_mask.repeat_interleave(layers, 0),
+            )
+            parts.append(appearance.reshape(count, -1, dim))
+        if self.config.eot_token:
+            parts.append(features.eot[mask].unsqueeze(1))
+        tokens = torch.cat(parts, dim=1)
+        if keep_local is not None:
+            keep = keep_local.to(tokens.dtype)[:, None].expand_as(mask)[mask]
+            tokens = tokens * keep[:, None, None]
+        tokens = tokens + self.box_embedding(features.boxes[mask].to(tokens.dtype)).unsqueeze(1)
+        out = tokens.new_zeros(*mask.shape, tokens.shape[1], dim)
+        out[mask] = tokens
+        return out
+
+    def conditioning(
+        self,
+        tokens: torch.Tensor,
+        boxes: torch.Tensor,
+        mask: torch.Tensor,
+        latent_size: tuple[int, int],
+    ) -> InstanceConditioning:
+        """Projects instance tokens once for every ISM layer: valid for every denoising step."""
+        keys, values = {}, {}
+        for name in self.config.layers:
+            layer = self.ism_layer(name)
+            keys[name], values[name] = layer.to_k_ap(tokens), layer.to_v_ap(tokens)
+        return InstanceConditioning(keys, values, boxes.to(tokens.dtype), mask, tuple(latent_size))
+
+    @contextlib.contextmanager
+    def activated(self, conditioning: InstanceConditioning | None) -> Iterator[None]:
+        """Inside the block, the installed processors apply ``conditioning``."""
+        previous, self._conditioning = self._conditioning, conditioning
+        try:
+            yield
+        finally:
+            self._conditioning = previous
+
+    def active_conditioning(self) -> InstanceConditioning | None:
+        return self._conditioning
+
+    def forward(
+        self,
+        unet: UNet2DConditionModel,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        added_cond_kwargs: dict[str, torch.Tensor],
+        features: InstanceFeatures,
+        keep_local: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One conditioned UNet call. Training goes through here so that a data-parallel wrapper
+        around the adapter sees the forward in which its parameters are used."""
+        tokens = self.instance_tokens(features, keep_local)
+        conditioning = self.conditioning(tokens, features.boxes, features.mask, sample.shape[-2:])
+        with self.activated(conditioning):
+            return unet(
+                sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
+            ).sample
+
+    # ----------------------------------------------------------------- checkpoints
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **_: object) -> None:
+        """``config.json`` + ``ifadapter.safetensors`` (never a pickle)."""
+        os.makedirs(save_directory, exist_ok=True)
+        self.save_config(save_directory)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        subfolder: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        **_: object,
+    ) -> IFAdapter:
+        directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        weights = os.path.join(directory, WEIGHTS_NAME)
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"no IFAdapter checkpoint at {directory} (missing {WEIGHTS_NAME})")
+        adapter = cls.from_config(cls.load_config(directory))
+        adapter.load_state_dict(load_file(weights), strict=True)
+        if torch_dtype is not None:
+            adapter.to(torch_dtype)
+        return adapter.eval()
+
+
+def _attention(unet: UNet2DConditionModel, name: str) -> nn.Module:
+    return unet.get_submodule(name)
+
+
+def _match_layers(unet: UNet2DConditionModel, patterns: Sequence[str]) -> list[str]:
+    names = [key.removesuffix(".processor") for key in unet.attn_processors]
+    layers = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    crossing = [n for n in layers if _attention(unet, n).is_cross_attention]
+    if not crossing:
+        raise ValueError(f"no cross-attention layer of the UNet matches {list(patterns)}")
+    if len(crossing) != len(layers):
+        skipped = sorted(set(layers) - set(crossing))
+        raise ValueError(f"layer patterns select self-attention layers: {skipped}")
+    return crossing

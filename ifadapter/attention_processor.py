@@ -1,0 +1,219 @@
+"""The Instance Semantic Map (ISM) attention processor for a stock diffusers ``Attention``.
+
+A chosen cross-attention layer computes its usual output from the global caption, and then, for
+every instance at once (batched SDPA, no loop over instances):
+
+- ``s_i = Attention(Q, K_i, V_i)`` restricted to the cells of box i (paper Eq. 4-5), with Q from
+  the frozen ``to_q`` and K_i, V_i from the instance's tokens through ``to_k_ap`` / ``to_v_ap``;
+- gated semantic fusion (Eq. 6-7): ``D = sum_i w_i * sigmoid(|union| / |box_i|) * s_i`` with
+  ``w_i`` a softmax of a learned score over the instances covering each cell only;
+- injection (Eq. 8): ``out = Attention(Q, K, V) + tanh(lambda) * (1 - M_bg) * D`` with lambda
+  initialised to 0, so an untrained adapter leaves the base model's output exactly unchanged.
+
+With no conditioning set (base generation, or past ``control_ratio``) the processor computes
+exactly what diffusers' ``AttnProcessor2_0`` computes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+from ifadapter.fusion import FusionScorer, fuse_instances
+
+
+class ISMLayer(nn.Module):
+    """Trainable parameters the adapter adds to one cross-attention layer."""
+
+    def __init__(self, channels: int, token_dim: int, fusion_reduction: int, fusion_kernel: int) -> None:
+        super().__init__()
+        self.to_k_ap = nn.Linear(token_dim, channels, bias=False)
+        self.to_v_ap = nn.Linear(token_dim, channels, bias=False)
+        self.scorer = FusionScorer(channels, fusion_reduction, fusion_kernel)
+        self.gate = nn.Parameter(torch.zeros(()))
+
+
+@dataclass
+class LayerGrid:
+    """Box masks of one conditioning at one attention resolution."""
+
+    height: int
+    width: int
+    masks: torch.Tensor  # (B, N, h*w) bool: cells touched by each box, False on padding slots
+    area_weight: torch.Tensor  # (B, N) sigmoid(|union| / |box|)
+    foreground: torch.Tensor  # (B, h*w) bool: 1 - M_bg
+
+
+@dataclass
+class InstanceConditioning:
+    """Everything the ISM layers need for one UNet batch, computed once per generation.
+
+    ``keys`` / ``values`` are the projected instance tokens per layer name: they do not depend on
+    the timestep, so a generation projects them once instead of at every denoising step.
+    """
+
+    keys: dict[str, torch.Tensor]  # layer -> (B, N, S, C)
+    values: dict[str, torch.Tensor]
+    boxes: torch.Tensor  # (B, N, 4)
+    mask: torch.Tensor  # (B, N) bool, False on padding
+    latent_size: tuple[int, int]
+    _grids: dict[int, LayerGrid] = field(default_factory=dict, repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.boxes.shape[0]
+
+    def grid(self, sequence_length: int) -> LayerGrid:
+        if sequence_length not in self._grids:
+            height, width = _grid_size(self.latent_size, sequence_length)
+            self._grids[sequence_length] = _layer_grid(self.boxes, self.mask, height, width)
+        return self._grids[sequence_length]
+
+
+def _grid_size(latent_size: tuple[int, int], sequence_length: int) -> tuple[int, int]:
+    """The (h, w) of a UNet level: each downsample halves the size, rounding up."""
+    height, width = latent_size
+    while height * width > sequence_length:
+        height, width = math.ceil(height / 2), math.ceil(width / 2)
+    if height * width != sequence_length:
+        raise ValueError(
+            f"attention over {sequence_length} tokens matches no UNet level of a "
+            f"{latent_size[0]}x{latent_size[1]} latent"
+        )
+    return height, width
+
+
+def box_masks(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(…, 4) normalised boxes -> (…, h*w) bool of every cell the box overlaps.
+
+    Cells are taken when the box overlaps them at all (floor of the start, ceil of the end), so
+    even a box smaller than one cell of the coarsest level keeps at least one cell.
+    """
+    x0 = torch.floor(boxes[..., 0:1] * width)
+    x1 = torch.ceil(boxes[..., 2:3] * width)
+    y0 = torch.floor(boxes[..., 1:2] * height)
+    y1 = torch.ceil(boxes[..., 3:4] * height)
+    cols = torch.arange(width, device=boxes.device, dtype=boxes.dtype)
+    rows = torch.arange(height, device=boxes.device, dtype=boxes.dtype)
+    inside_x = (cols >= x0) & (cols < x1)  # (…, w)
+    inside_y = (rows >= y0) & (rows < y1)  # (…, h)
+    return (inside_y.unsqueeze(-1) & inside_x.unsqueeze(-2)).flatten(-2)
+
+
+def _layer_grid(boxes: torch.Tensor, mask: torch.Tensor, height: int, width: int) -> LayerGrid:
+    masks = box_masks(boxes, height, width) & mask.unsqueeze(-1)
+    foreground = masks.any(dim=1)
+    union = foreground.sum(-1, keepdim=True).to(boxes.dtype)
+    area = masks.sum(-1).to(boxes.dtype).clamp(min=1)
+    return LayerGrid(height, width, masks, torch.sigmoid(union / area), foreground)
+
+
+class IFAdapterAttnProcessor:
+    """SDPA processor for a layer the adapter controls; the others keep the stock processor.
+
+    It holds no weights of its own: ``layer`` belongs to the ``IFAdapter`` module (so the UNet's
+    state dict stays the base model's), and ``source`` is asked for the active conditioning.
+    """
+
+    def __init__(self, name: str, layer: ISMLayer, source: ConditioningSource) -> None:
+        self.name = name
+        self.layer = layer
+        self.source = source
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
+        out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+
+        conditioning = self.source.active_conditioning()
+        if conditioning is not None:
+            out = out + self.instance_semantic_map(conditioning, query, attn.heads)
+
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def instance_semantic_map(
+        self, conditioning: InstanceConditioning, query: torch.Tensor, heads: int
+    ) -> torch.Tensor:
+        """query (B, heads, HW, d) -> the gated residual ``tanh(lambda) (1 - M_bg) D`` (B, HW, C)."""
+        batch, _, cells, head_dim = query.shape
+        if conditioning.batch_size != batch:
+            raise ValueError(
+                f"instance conditioning holds {conditioning.batch_size} layouts but the UNet batch "
+                f"has {batch} samples"
+            )
+        keys = conditioning.keys[self.name]
+        instances, tokens = keys.shape[1], keys.shape[2]
+        if instances == 0:
+            return query.new_zeros(batch, cells, heads * head_dim)
+        grid = conditioning.grid(cells)
+
+        def split_heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, instances, tokens, heads, head_dim).transpose(2, 3)
+
+        per_instance = F.scaled_dot_product_attention(
+            query.unsqueeze(1).expand(-1, instances, -1, -1, -1),
+            split_heads(keys),
+            split_heads(conditioning.values[self.name]),
+        )  # (B, N, heads, HW, d)
+        per_instance = per_instance.transpose(2, 3).reshape(batch, instances, cells, heads * head_dim)
+        fused = fuse_instances(
+            per_instance, grid.masks, grid.area_weight, self.layer.scorer, grid.height, grid.width
+        )
+        gate = torch.tanh(self.layer.gate).to(fused.dtype)
+        return gate * grid.foreground.unsqueeze(-1).to(fused.dtype) * fused
+
+
+class ConditioningSource:
+    """What a processor asks for the conditioning of the current UNet call (or None)."""
+
+    def active_conditioning(self) -> InstanceConditioning | None:  # pragma: no cover - interface
+        raise NotImplementedError

@@ -1,0 +1,1 @@
+"""Training IFAdapter on a frozen SDXL from annotated shards (Ray Train)."""
