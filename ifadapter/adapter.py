@@ -93,7 +93,9 @@ class IFAdapter(ModelMixin, ConfigMixin):
         )
         self.ism_layers = nn.ModuleDict(
             {
-                _module_key(name): ISMLayer(channels, cross_attention_dim, fusion_reduction, fusion_kernel)
+                _module_key(name): ISMLayer(
+                    channels, cross_attention_dim, fusion_reduction, fusion_kernel
+                )
                 for name, channels in zip(layers, layer_channels, strict=True)
             }
         )
@@ -103,9 +105,13 @@ class IFAdapter(ModelMixin, ConfigMixin):
 
     @classmethod
     def for_unet(
-        cls, unet: UNet2DConditionModel, layer_patterns: Sequence[str] = DEFAULT_LAYER_PATTERNS, **config
+        cls,
+        unet: UNet2DConditionModel,
+        layer_patterns: Sequence[str] = DEFAULT_LAYER_PATTERNS,
+        **config,
     ) -> IFAdapter:
-        """A fresh adapter for the cross-attention layers of ``unet`` matching ``layer_patterns``."""
+        """A fresh adapter for the cross-attention layers of ``unet`` that match ``layer_patterns``
+        (fnmatch patterns over the names in ``unet.attn_processors``)."""
         layers = _match_layers(unet, layer_patterns)
         channels = [_attention(unet, name).to_q.out_features for name in layers]
         config.setdefault("cross_attention_dim", unet.config.cross_attention_dim)
@@ -133,7 +139,9 @@ class IFAdapter(ModelMixin, ConfigMixin):
                     f"layer {name!r} is not a {channels}-channel cross-attention layer of this UNet"
                 )
             if attention.to_out[0].out_features != channels:
-                raise ValueError(f"layer {name!r} changes width in to_out; the ISM cannot add to it")
+                raise ValueError(
+                    f"layer {name!r} changes width in to_out; the ISM cannot add to it"
+                )
             processors[key] = IFAdapterAttnProcessor(name, self.ism_layer(name), self)
         unet.set_attn_processor(processors)
 
@@ -148,6 +156,7 @@ class IFAdapter(ModelMixin, ConfigMixin):
         unconditional branch of guidance (and the training dropout), which keeps the box
         embedding. Padding slots stay exactly zero.
         """
+        features = features.to(self.device, self.dtype)
         mask = features.mask
         words, word_mask = features.words[mask], features.word_mask[mask]  # (M, k, T, D), (M, T)
         count, layers, length, dim = words.shape
@@ -186,11 +195,16 @@ class IFAdapter(ModelMixin, ConfigMixin):
     @contextlib.contextmanager
     def activated(self, conditioning: InstanceConditioning | None) -> Iterator[None]:
         """Inside the block, the installed processors apply ``conditioning``."""
-        previous, self._conditioning = self._conditioning, conditioning
+        previous = self._conditioning
+        self.set_conditioning(conditioning)
         try:
             yield
         finally:
-            self._conditioning = previous
+            self.set_conditioning(previous)
+
+    def set_conditioning(self, conditioning: InstanceConditioning | None) -> None:
+        """None makes every ISM layer compute exactly the stock attention."""
+        self._conditioning = conditioning
 
     def active_conditioning(self) -> InstanceConditioning | None:
         return self._conditioning
@@ -234,7 +248,9 @@ class IFAdapter(ModelMixin, ConfigMixin):
         directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
         weights = os.path.join(directory, WEIGHTS_NAME)
         if not os.path.isfile(weights):
-            raise FileNotFoundError(f"no IFAdapter checkpoint at {directory} (missing {WEIGHTS_NAME})")
+            raise FileNotFoundError(
+                f"no IFAdapter checkpoint at {directory} (missing {WEIGHTS_NAME})"
+            )
         adapter = cls.from_config(cls.load_config(directory))
         adapter.load_state_dict(load_file(weights), strict=True)
         if torch_dtype is not None:

@@ -30,7 +30,9 @@ from ifadapter.fusion import FusionScorer, fuse_instances
 class ISMLayer(nn.Module):
     """Trainable parameters the adapter adds to one cross-attention layer."""
 
-    def __init__(self, channels: int, token_dim: int, fusion_reduction: int, fusion_kernel: int) -> None:
+    def __init__(
+        self, channels: int, token_dim: int, fusion_reduction: int, fusion_kernel: int
+    ) -> None:
         super().__init__()
         self.to_k_ap = nn.Linear(token_dim, channels, bias=False)
         self.to_v_ap = nn.Linear(token_dim, channels, bias=False)
@@ -144,8 +146,12 @@ class IFAdapterAttnProcessor:
             hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
         )
         if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+            attention_mask = attn.prepare_attention_mask(
+                attention_mask, sequence_length, batch_size
+            )
+            attention_mask = attention_mask.view(
+                batch_size, attn.heads, -1, attention_mask.shape[-1]
+            )
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
@@ -183,14 +189,14 @@ class IFAdapterAttnProcessor:
     def instance_semantic_map(
         self, conditioning: InstanceConditioning, query: torch.Tensor, heads: int
     ) -> torch.Tensor:
-        """query (B, heads, HW, d) -> the gated residual ``tanh(lambda) (1 - M_bg) D`` (B, HW, C)."""
+        """query (B, heads, HW, d) -> gated residual ``tanh(lambda) (1 - M_bg) D``, (B, HW, C)."""
         batch, _, cells, head_dim = query.shape
         if conditioning.batch_size != batch:
             raise ValueError(
                 f"instance conditioning holds {conditioning.batch_size} layouts but the UNet batch "
                 f"has {batch} samples"
             )
-        keys = conditioning.keys[self.name]
+        keys = conditioning.keys[self.name].to(query.dtype)
         instances, tokens = keys.shape[1], keys.shape[2]
         if instances == 0:
             return query.new_zeros(batch, cells, heads * head_dim)
@@ -202,9 +208,11 @@ class IFAdapterAttnProcessor:
         per_instance = F.scaled_dot_product_attention(
             query.unsqueeze(1).expand(-1, instances, -1, -1, -1),
             split_heads(keys),
-            split_heads(conditioning.values[self.name]),
+            split_heads(conditioning.values[self.name].to(query.dtype)),
         )  # (B, N, heads, HW, d)
-        per_instance = per_instance.transpose(2, 3).reshape(batch, instances, cells, heads * head_dim)
+        per_instance = per_instance.transpose(2, 3).reshape(
+            batch, instances, cells, heads * head_dim
+        )
         fused = fuse_instances(
             per_instance, grid.masks, grid.area_weight, self.layer.scorer, grid.height, grid.width
         )

@@ -23,7 +23,9 @@ class FourierEmbedder(nn.Module):
 
 
 class BoxEmbedding(nn.Module):
-    def __init__(self, output_dim: int, num_freqs: int, temperature: float, hidden_dim: int) -> None:
+    def __init__(
+        self, output_dim: int, num_freqs: int, temperature: float, hidden_dim: int
+    ) -> None:
         super().__init__()
         self.fourier = FourierEmbedder(num_freqs, temperature)
         self.mlp = nn.Sequential(

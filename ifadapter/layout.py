@@ -53,7 +53,7 @@ class Layout:
 
     @classmethod
     def from_dict(cls, data: dict) -> Layout:
-        """Reads the JSON form ``{"caption": ..., "instances": [{"box": [...], "caption": ...}]}``."""
+        """Reads ``{"caption": ..., "instances": [{"box": [x0, y0, x1, y1], "caption": ...}]}``."""
         if not isinstance(data, dict) or "caption" not in data:
             raise ValueError("a layout must be an object with a 'caption' and an 'instances' list")
         return cls(caption=data["caption"], instances=list(data.get("instances", [])))

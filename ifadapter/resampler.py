@@ -30,7 +30,9 @@ class PerceiverAttention(nn.Module):
         self.norm_q = nn.RMSNorm(dim_head, eps=1e-6)
         self.norm_k = nn.RMSNorm(dim_head, eps=1e-6)
 
-    def forward(self, tokens: torch.Tensor, latents: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, latents: torch.Tensor, key_mask: torch.Tensor
+    ) -> torch.Tensor:
         """tokens (M, T, dim), latents (M, L, dim), key_mask (M, T) True where a word is."""
         tokens = self.norm_tokens(tokens)
         latents = self.norm_latents(latents)

@@ -69,19 +69,33 @@ def text_encoder_configs(size: Size) -> tuple[CLIPTextConfig, CLIPTextConfig]:
     )
     if size == "tiny":
         # 5 layers so that hidden_states[-6] (the deepest layer the adapter reads) exists.
-        small = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5)
+        small = dict(
+            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5
+        )
         return (
             CLIPTextConfig(**common, **small, projection_dim=32, pad_token_id=CLIP_EOS),
             CLIPTextConfig(**common, **small, projection_dim=32, pad_token_id=0),
         )
     return (
         CLIPTextConfig(
-            **common, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-            num_hidden_layers=12, projection_dim=768, hidden_act="quick_gelu", pad_token_id=CLIP_EOS,
+            **common,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+            pad_token_id=CLIP_EOS,
         ),
         CLIPTextConfig(
-            **common, hidden_size=1280, intermediate_size=5120, num_attention_heads=20,
-            num_hidden_layers=32, projection_dim=1280, hidden_act="gelu", pad_token_id=0,
+            **common,
+            hidden_size=1280,
+            intermediate_size=5120,
+            num_attention_heads=20,
+            num_hidden_layers=32,
+            projection_dim=1280,
+            hidden_act="gelu",
+            pad_token_id=0,
         ),
     )
 

@@ -19,7 +19,8 @@ pins = dict(
 for module in (torch, torchvision):
     installed = module.__version__.split("+")[0]
     if installed != pins[module.__name__]:
-        sys.exit(f"{module.__name__} {installed} is installed but constraints.txt pins {pins[module.__name__]}")
+        pinned = pins[module.__name__]
+        sys.exit(f"{module.__name__} {installed} is installed but constraints.txt pins {pinned}")
 import diffusers.pipelines.stable_diffusion_xl  # noqa: E402,F401  (fails when torchvision is broken)
 
 print(f"environment ok: torch {torch.__version__}, torchvision {torchvision.__version__}")

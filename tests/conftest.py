@@ -1,0 +1,45 @@
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+from ifadapter import IFAdapter, IFAdapterSDXLPipeline, tiny
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory):
+    """A tiny SDXL-architecture pipeline saved the way real checkpoints are."""
+    path = tmp_path_factory.mktemp("tiny-sdxl")
+    StableDiffusionXLPipeline(**tiny.components(seed=0)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def components():
+    return tiny.components(seed=0)
+
+
+def open_gates(adapter: IFAdapter, value: float = 1.0) -> IFAdapter:
+    with torch.no_grad():
+        for layer in adapter.ism_layers.values():
+            layer.gate.fill_(value)
+    return adapter
+
+
+@pytest.fixture
+def make_pipeline(base_dir):
+    def make(gate: float | None = None, seed: int = 0, **config) -> IFAdapterSDXLPipeline:
+        base = StableDiffusionXLPipeline.from_pretrained(base_dir)
+        torch.manual_seed(seed)
+        adapter = IFAdapter.for_unet(base.unet, **{**tiny.adapter_config(), **config})
+        if gate is not None:
+            open_gates(adapter, gate)
+        pipe = IFAdapterSDXLPipeline.from_pretrained(base_dir, adapter=adapter)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    return make

@@ -1,0 +1,188 @@
+"""IFAdapterSDXLPipeline through diffusers' own loading and denoising code paths."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLPipeline
+from peft import LoraConfig, get_peft_model_state_dict
+
+from ifadapter import IFAdapter, IFAdapterSDXLPipeline, Instance
+from ifadapter.attention_processor import IFAdapterAttnProcessor
+from ifadapter.visualize import draw_layout
+from tests.test_attention import TWO
+
+STEPS = 4
+
+
+def generate(pipe, prompt=TWO.caption, instances=TWO.instances, seed=0, **kwargs):
+    return pipe(
+        prompt,
+        instances,
+        num_inference_steps=STEPS,
+        output_type="np",
+        generator=torch.Generator().manual_seed(seed),
+        **kwargs,
+    ).images
+
+
+def base_images(base_dir, prompt=TWO.caption, seed=0, **kwargs):
+    pipe = StableDiffusionXLPipeline.from_pretrained(base_dir)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        prompt,
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,
+        output_type="np",
+        generator=torch.Generator().manual_seed(seed),
+        **kwargs,
+    ).images
+
+
+def test_untrained_adapter_equals_base_pipeline(make_pipeline, base_dir):
+    assert np.array_equal(generate(make_pipeline()), base_images(base_dir))
+
+
+def test_zero_instances_and_zero_control_ratio_equal_base(make_pipeline, base_dir):
+    pipe = make_pipeline(gate=1.0)
+    base = base_images(base_dir)
+    assert np.array_equal(generate(pipe, instances=[]), base)
+    assert np.array_equal(generate(pipe, control_ratio=0.0), base)
+    assert not np.array_equal(generate(pipe), base)
+
+
+def count_conditioned_calls(pipe):
+    calls = []
+    for processor in pipe.unet.attn_processors.values():
+        if isinstance(processor, IFAdapterAttnProcessor):
+            original = processor.instance_semantic_map
+
+            def wrapped(*args, _original=original, **kwargs):
+                calls.append(1)
+                return _original(*args, **kwargs)
+
+            processor.instance_semantic_map = wrapped
+            break
+    return calls
+
+
+@pytest.mark.parametrize(("ratio", "active_steps"), [(1.0, 4), (0.5, 2), (0.3, 2), (0.1, 1)])
+def test_control_ratio_limits_the_steps_the_adapter_acts_in(make_pipeline, ratio, active_steps):
+    pipe = make_pipeline(gate=1.0)
+    calls = count_conditioned_calls(pipe)
+    generate(pipe, control_ratio=ratio)
+    assert len(calls) == active_steps
+    assert pipe.adapter.active_conditioning() is None
+
+
+def test_batches_of_prompts_images_per_prompt_and_non_square(make_pipeline):
+    pipe = make_pipeline(gate=1.0)
+    other = [Instance((0.2, 0.2, 0.8, 0.4), "a yellow dotted triangle")] * 3
+    images = generate(
+        pipe,
+        prompt=[TWO.caption, "three triangles"],
+        instances=[TWO.instances, other],
+        num_images_per_prompt=2,
+        height=64,
+        width=96,
+    )
+    assert images.shape == (4, 64, 96, 3)
+    assert np.isfinite(images).all()
+
+
+def test_without_guidance_and_with_another_scheduler(make_pipeline):
+    pipe = make_pipeline(gate=1.0)
+    assert generate(pipe, guidance_scale=1.0).shape == (1, 64, 64, 3)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    assert np.isfinite(generate(pipe)).all()
+
+
+def test_hundred_instances(make_pipeline):
+    pipe = make_pipeline(gate=1.0)
+    many = [
+        Instance(
+            ((i % 10) / 10, (i // 10) / 10, (i % 10) / 10 + 0.1, (i // 10) / 10 + 0.1), f"shape {i}"
+        )
+        for i in range(100)
+    ]
+    images = generate(pipe, prompt="a grid", instances=many)
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
+
+
+def test_bad_input_is_a_clear_error(make_pipeline):
+    pipe = make_pipeline()
+    with pytest.raises(ValueError, match=r"prompt 1: instance 0: box .* outside \[0, 1\]"):
+        generate(pipe, prompt=["a", "b"], instances=[[], [{"box": (0, 0, 2, 1), "caption": "x"}]])
+    with pytest.raises(ValueError, match="2 prompts but 1 instance lists"):
+        generate(pipe, prompt=["a", "b"], instances=[[]])
+    with pytest.raises(ValueError, match="control_ratio"):
+        generate(pipe, control_ratio=1.5)
+
+
+def test_checkpoint_round_trip_is_bit_identical(make_pipeline, base_dir, tmp_path):
+    pipe = make_pipeline(gate=0.8, seed=3)
+    pipe.adapter.save_pretrained(tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "config.json",
+        "ifadapter.safetensors",
+    ]
+    config = json.loads((tmp_path / "adapter" / "config.json").read_text())
+    for key in (
+        "layers",
+        "layer_channels",
+        "text_encoder_layers",
+        "num_queries",
+        "resampler_width",
+        "resampler_depth",
+        "resampler_heads",
+        "resampler_dim_head",
+        "fourier_freqs",
+    ):
+        assert key in config
+    reloaded = IFAdapter.from_pretrained(tmp_path / "adapter")
+    for key, value in pipe.adapter.state_dict().items():
+        assert torch.equal(value, reloaded.state_dict()[key])
+    again = IFAdapterSDXLPipeline.from_pretrained(base_dir, adapter=reloaded)
+    again.set_progress_bar_config(disable=True)
+    assert np.array_equal(generate(pipe), generate(again))
+
+    pipe.save_pretrained(tmp_path / "pipeline")  # the adapter as a pipeline component
+    whole = IFAdapterSDXLPipeline.from_pretrained(tmp_path / "pipeline")
+    whole.set_progress_bar_config(disable=True)
+    assert np.array_equal(generate(pipe), generate(whole))
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no IFAdapter checkpoint"):
+        IFAdapter.from_pretrained(tmp_path)
+
+
+def test_lora_weights_load_beside_the_adapter(make_pipeline, tmp_path):
+    pipe = make_pipeline(gate=1.0)
+    before = generate(pipe)
+    pipe.unet.add_adapter(
+        LoraConfig(
+            r=4,
+            lora_alpha=4,
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+            init_lora_weights=False,
+        )
+    )
+    StableDiffusionXLPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=get_peft_model_state_dict(pipe.unet)
+    )
+    pipe.unet.delete_adapters("default")
+    assert np.array_equal(generate(pipe), before)
+    pipe.load_lora_weights(tmp_path)
+    with_lora = generate(pipe)
+    assert not np.array_equal(with_lora, before) and np.isfinite(with_lora).all()
+    assert any(isinstance(p, IFAdapterAttnProcessor) for p in pipe.unet.attn_processors.values())
+
+
+def test_draw_layout_marks_boxes():
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 64), "white")
+    drawn = np.asarray(draw_layout(image, TWO, labels=False))
+    assert (drawn[0, 0] != 255).any() and (drawn[40, 10] == 255).all()
