@@ -78,7 +78,7 @@ def measure(fn: Callable[[], object], device: torch.device) -> tuple[float, int]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--latent", type=int, default=32, help="latent side (128 = 1024 px)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--json", help="also write the results to this file")
@@ -87,8 +87,11 @@ def main() -> None:
     torch.manual_seed(0)
 
     tick = time.perf_counter()
-    unet = tiny.build_unet("sdxl").to(device=device, dtype=dtype)
-    adapter = IFAdapter.for_unet(unet).to(device=device, dtype=dtype).eval()
+    unet = tiny.build_unet("sdxl").to(device)
+    adapter = IFAdapter.for_unet(unet).to(device).eval()
+    if dtype != torch.float32:
+        unet.to(dtype=dtype)
+        adapter.to(dtype=dtype)
     adapter.install(unet)
     print(
         f"SDXL UNet {sum(p.numel() for p in unet.parameters()) / 1e9:.2f}B params, adapter "
@@ -120,6 +123,7 @@ def main() -> None:
     latent = (side, side)
     variants: dict[str, Callable[[], None]] = {"base": step}
     one_off = {}
+    held_conditionings, held_word_conditionings = {}, {}
     with torch.inference_mode():
         for count in COUNTS:
             boxes, mask = boxes_for(count), torch.ones(1, count, dtype=torch.bool, device=device)
@@ -150,35 +154,56 @@ def main() -> None:
                 adapter.conditioning(out.reshape(1, n, -1, dim), b, m, latent)
 
             one_off[count] = tokens_once
+            held_conditionings[count] = precomputed
+            held_word_conditionings[count] = all_words
 
         for fn in variants.values():  # warm-up
             fn()
+        names = [name for name in variants if name != "base"]
         times = {name: [] for name in variants}
-        ratios = {name: [] for name in variants}
+        ratios = {name: [] for name in names}
         peaks = {name: [] for name in variants}
         for _ in range(args.repeats):
-            base_time, _ = measure(step, device)
-            for name, fn in variants.items():
-                seconds, peak = measure(fn, device)
+            # base, v1, base, v2, ..., base: each variant is compared with the mean of the two
+            # base steps around it, so drift in the machine's load cancels out.
+            before, peak = measure(step, device)
+            times["base"].append(before)
+            peaks["base"].append(peak)
+            for name in names:
+                seconds, peak = measure(variants[name], device)
+                after, base_peak = measure(step, device)
                 times[name].append(seconds)
-                ratios[name].append(seconds / base_time)
                 peaks[name].append(peak)
+                ratios[name].append(seconds / ((before + after) / 2))
+                times["base"].append(after)
+                peaks["base"].append(base_peak)
+                before = after
         once = {
             count: statistics.median(measure(fn, device)[0] for _ in range(3))
             for count, fn in one_off.items()
         }
 
+    def held_mib(conditioning) -> float:
+        tensors = (*conditioning.keys.values(), *conditioning.values.values())
+        return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
     base_median = statistics.median(times["base"])
     base_peak = statistics.median(peaks["base"])
     rows = []
     print(
-        f"\nmedian of {args.repeats} interleaved rounds; ratio = step / base step of the same round"
+        f"\nmedians of {args.repeats} rounds; ratio = step / mean of the base steps just before "
+        "and after it;\npeak = the step's peak memory above the resident model; held = instance "
+        "keys and values kept for the whole generation"
     )
-    print(f"{'variant':<12}{'instances':>10}{'step s':>10}{'ratio':>8}{'peak MiB':>10}{'+MiB':>8}")
-    print(f"{'base':<12}{'-':>10}{base_median:>10.3f}{1:>8.3f}{base_peak / 2**20:>10.0f}{0:>8.0f}")
+    print(
+        f"{'variant':<12}{'instances':>10}{'step s':>10}{'ratio':>8}{'peak MiB':>10}{'+MiB':>8}"
+        f"{'held MiB':>10}"
+    )
+    print(f"{'base':<12}{'-':>10}{base_median:>10.3f}{1:>8.3f}{base_peak / 2**20:>10.0f}")
     for count in COUNTS:
         for kind in ("ifadapter", "per-step", "77 tokens"):
             name = f"{kind}/{count}"
+            held = held_word_conditionings if kind == "77 tokens" else held_conditionings
             row = {
                 "variant": kind,
                 "instances": count,
@@ -186,11 +211,12 @@ def main() -> None:
                 "ratio": statistics.median(ratios[name]),
                 "peak_mib": statistics.median(peaks[name]) / 2**20,
                 "extra_mib": (statistics.median(peaks[name]) - base_peak) / 2**20,
+                "held_mib": held_mib(held[count]) if kind != "per-step" else 0.0,
             }
             rows.append(row)
             print(
                 f"{kind:<12}{count:>10}{row['step_s']:>10.3f}{row['ratio']:>8.3f}"
-                f"{row['peak_mib']:>10.0f}{row['extra_mib']:>8.0f}"
+                f"{row['peak_mib']:>10.0f}{row['extra_mib']:>8.0f}{row['held_mib']:>10.0f}"
             )
     print("\nper generation (once, not per step): resampler + projections")
     for count, seconds in once.items():
