@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -220,8 +221,7 @@ class IFAdapterAttnProcessor:
         return gate * grid.foreground.unsqueeze(-1).to(fused.dtype) * fused
 
 
-class ConditioningSource:
+class ConditioningSource(Protocol):
     """What a processor asks for the conditioning of the current UNet call (or None)."""
 
-    def active_conditioning(self) -> InstanceConditioning | None:  # pragma: no cover - interface
-        raise NotImplementedError
+    def active_conditioning(self) -> InstanceConditioning | None: ...

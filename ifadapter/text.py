@@ -85,7 +85,7 @@ def encode_descriptions(
     D is the sum of the encoders' hidden sizes; T is trimmed to the longest description.
     """
     device = text_encoders[0].device
-    words, eots, word_mask = [], [], None
+    words, eots, word_mask, length = [], [], None, 1
     for tokenizer, encoder in zip(tokenizers, text_encoders, strict=True):
         ids = tokenizer(
             list(captions),
@@ -98,10 +98,10 @@ def encode_descriptions(
         hidden = encoder(ids, output_hidden_states=True).hidden_states
         words.append(torch.stack([hidden[layer] for layer in layers], dim=1))
         eots.append(hidden[-2][torch.arange(len(captions), device=device), eot_position])
-        if word_mask is None:
+        if word_mask is None:  # both tokenizers share CLIP's BPE: the first one's positions serve
             positions = torch.arange(ids.shape[1], device=device)
             word_mask = (positions > 0) & (positions < eot_position[:, None])
-            length = int(eot_position.max()) + 1 if len(captions) else 1
+            length = int(eot_position.max()) + 1
     return torch.cat(words, -1)[:, :, :length], word_mask[:, :length], torch.cat(eots, -1)
 
 

@@ -67,14 +67,19 @@ def text_encoder_configs(size: Size) -> tuple[CLIPTextConfig, CLIPTextConfig]:
         bos_token_id=CLIP_BOS,
         eos_token_id=CLIP_EOS,
     )
-    if size == "tiny":
+    if size in ("tiny", "toy"):
         # 5 layers so that hidden_states[-6] (the deepest layer the adapter reads) exists.
+        width = 32 if size == "tiny" else 64
         small = dict(
-            hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=5
+            hidden_size=width,
+            intermediate_size=37 if size == "tiny" else 4 * width,
+            num_attention_heads=4,
+            num_hidden_layers=5,
+            projection_dim=width,
         )
         return (
-            CLIPTextConfig(**common, **small, projection_dim=32, pad_token_id=CLIP_EOS),
-            CLIPTextConfig(**common, **small, projection_dim=32, pad_token_id=0),
+            CLIPTextConfig(**common, **small, pad_token_id=CLIP_EOS),
+            CLIPTextConfig(**common, **small, pad_token_id=0),
         )
     return (
         CLIPTextConfig(
@@ -122,6 +127,18 @@ def unet_config(size: Size) -> dict:
             projection_class_embeddings_input_dim=32 + 6 * 8,
             norm_num_groups=8,
         )
+    if size == "toy":
+        return dict(
+            common,
+            sample_size=16,
+            block_out_channels=(32, 64, 128),
+            layers_per_block=1,
+            attention_head_dim=(2, 4, 8),
+            transformer_layers_per_block=(1, 1, 1),
+            cross_attention_dim=128,
+            addition_time_embed_dim=16,
+            projection_class_embeddings_input_dim=64 + 6 * 16,
+        )
     return dict(
         common,
         sample_size=128,
@@ -136,7 +153,7 @@ def unet_config(size: Size) -> dict:
 
 
 def vae_config(size: Size) -> dict:
-    if size == "tiny":
+    if size in ("tiny", "toy"):
         # Factor 4 (64x64 images -> 16x16x4 latents); colours, stripes and dots survive it.
         return dict(
             block_out_channels=(16, 32, 64),
@@ -202,6 +219,17 @@ def adapter_config(size: Size = "tiny") -> dict:
     """Adapter sizes matching ``components(size)``; ``sdxl`` is the released configuration."""
     if size == "sdxl":
         return {}
+    if size == "toy":
+        return dict(
+            resampler_width=128,
+            resampler_depth=2,
+            resampler_heads=4,
+            resampler_dim_head=32,
+            resampler_ff_mult=2,
+            fourier_freqs=16,
+            box_embed_hidden=128,
+            fusion_reduction=8,
+        )
     return dict(
         resampler_width=32,
         resampler_depth=2,
