@@ -21,3 +21,22 @@ def test_train_base_writes_a_loadable_pipeline_and_its_record(tmp_path):
     assert pipe.unet.config.cross_attention_dim == 128
     image = pipe("a red solid circle", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 64, 64, 3)
+
+
+def test_unet_stage_resumes_exactly_from_its_state(tmp_path):
+    from ifadapter import tiny
+    from training.toy_base import train_unet
+
+    latents = torch.randn(6, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    captions = ["a red solid circle", "a blue striped square"] * 3
+
+    def run(steps: int, state_path):
+        config = BaseTrainingConfig(unet_steps=steps, unet_batch=2, checkpoint_every=2, warmup=2)
+        return train_unet(tiny.components("toy", seed=0), latents, captions, config, [], state_path)
+
+    straight = run(4, tmp_path / "straight.pt")
+    run(3, tmp_path / "interrupted.pt")  # leaves its state at step 2 behind
+    resumed = run(4, tmp_path / "interrupted.pt")
+    for a, b in zip(straight, resumed, strict=True):
+        for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+            assert torch.equal(x, y), name

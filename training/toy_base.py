@@ -8,6 +8,9 @@ adapter has to fix, on top of this model frozen. The result is saved as a stock
 a ``training_record.json`` of the settings, timings and the verifier scores of its samples.
 
     python -m training.toy_base --out models/toy-base
+
+The run keeps its state in ``OUT/_state`` (the trained VAE, then the UNet stage every
+``checkpoint_every`` steps), so the same command continues an interrupted run where it stopped.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import copy
 import dataclasses
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from annotate.toy_world import render, scenes
@@ -51,6 +56,7 @@ class BaseTrainingConfig:
     eval_samples: int = 48
     eval_guidance: float = 3.0
     eval_steps: int = 25
+    checkpoint_every: int = 250
 
 
 def to_tensor(images: list) -> torch.Tensor:
@@ -100,6 +106,7 @@ def train_unet(
     captions: list[str],
     config: BaseTrainingConfig,
     log: list,
+    state_path: Path,
 ):
     """UNet and both text encoders trained jointly (colour is learned about twice as fast as with
     frozen random encoders); returns EMA copies of the three."""
@@ -122,8 +129,25 @@ def train_unet(
     time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32).repeat(
         config.unet_batch, 1
     )
+    first = 0
+    if state_path.is_file():
+        state = torch.load(state_path, weights_only=True)
+        modules.load_state_dict(state["modules"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"])
+        first = int(state["step"])
+        log[:] = state["log"]
     started = time.perf_counter()
-    for step in tqdm(range(config.unet_steps), desc="unet + text encoders", mininterval=10):
+    progress = tqdm(
+        range(first, config.unet_steps),
+        desc="unet + text encoders",
+        mininterval=10,
+        initial=first,
+        total=config.unet_steps,
+    )
+    for step in progress:
         index = torch.randint(len(latents), (config.unet_batch,), generator=generator)
         x0 = latents[index]
         noise = torch.randn(x0.shape, generator=generator)
@@ -154,9 +178,21 @@ def train_unet(
                     "stage": "unet",
                     "step": step,
                     "loss": loss.item(),
-                    "seconds_per_step": (time.perf_counter() - started) / (step + 1),
+                    "seconds_per_step": (time.perf_counter() - started) / (step + 1 - first),
                 }
             )
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.unet_steps:
+            state = {
+                "modules": modules.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
+                "generator": generator.get_state(),
+                "step": step + 1,
+                "log": log,
+            }
+            torch.save(state, state_path.with_suffix(".tmp"))
+            state_path.with_suffix(".tmp").replace(state_path)
     return ema[0], ema[1], ema[2]
 
 
@@ -195,9 +231,18 @@ def train_base(out: Path, config: BaseTrainingConfig) -> dict:
     pixels = to_tensor([render(scene) for scene in pool])
     captions = [scene.caption for scene in pool]
 
+    state = out / "_state"
+    state.mkdir(parents=True, exist_ok=True)
     tick = time.perf_counter()
     vae = components["vae"]
-    train_vae(vae, pixels, config, log)
+    if (state / "vae.safetensors").is_file():
+        vae.load_state_dict(load_file(state / "vae.safetensors"))
+        vae.eval().requires_grad_(False)
+        log.extend(json.loads((state / "vae_log.json").read_text()))
+    else:
+        train_vae(vae, pixels, config, log)
+        save_file(vae.state_dict(), state / "vae.safetensors")
+        (state / "vae_log.json").write_text(json.dumps(log))
     vae_seconds = time.perf_counter() - tick
     latents = encode_latents(vae, pixels)
     scaling = float(1 / latents.std())
@@ -205,7 +250,7 @@ def train_base(out: Path, config: BaseTrainingConfig) -> dict:
 
     tick = time.perf_counter()
     unet, text_encoder, text_encoder_2 = train_unet(
-        components, latents * scaling, captions, config, log
+        components, latents * scaling, captions, config, log, state / "unet.pt"
     )
     unet_seconds = time.perf_counter() - tick
 
@@ -221,11 +266,12 @@ def train_base(out: Path, config: BaseTrainingConfig) -> dict:
     pipe.set_progress_bar_config(disable=True)
     scores = evaluate_base(pipe, config)
     pipe.to(torch.float16).save_pretrained(out)
+    shutil.rmtree(state)
     record = {
         "command": f"python -m training.toy_base --out {out}",
         "config": asdict(config),
-        "vae_minutes": round(vae_seconds / 60, 1),
-        "unet_minutes": round(unet_seconds / 60, 1),
+        "vae_minutes_this_run": round(vae_seconds / 60, 1),
+        "unet_minutes_this_run": round(unet_seconds / 60, 1),
         "total_minutes": round((time.perf_counter() - started) / 60, 1),
         "vae_scaling_factor": scaling,
         "single_shape_scores": scores,
