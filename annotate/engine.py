@@ -20,8 +20,13 @@ import pyarrow.parquet as pq
 
 from annotate.config import AnnotateConfig
 from annotate.plan import Plan, partition
-from annotate.records import PIXEL_COLUMNS, Record, records_from_table, records_to_table
-from annotate.records import work_schema as make_work_schema
+from annotate.records import (
+    PIXEL_COLUMNS,
+    Record,
+    records_from_table,
+    records_to_table,
+    work_schema,
+)
 from annotate.schema import MANIFEST_NAME, Manifest
 from annotate.sources import Item, Source, SourceError
 from annotate.stages import ModelStage, decode_batch
@@ -108,10 +113,13 @@ def run_pipeline(
     import ray
 
     check_resources(config, ray.cluster_resources())
-    schema = make_work_schema(source.extra_schema)
+    schema = work_schema(source.extra_schema)
     size = config.output.rows_per_shard
+    # Blocks of one decode batch, not one partition: actors can only share out whole blocks.
+    step = config.decode.batch_size
+    tables = [items_table(parts[k], k, k * size, source, schema) for k in pending]
     dataset = ray.data.from_arrow(
-        [items_table(parts[k], k, k * size, source, schema) for k in pending]
+        [t.slice(start, step) for t in tables for start in range(0, t.num_rows, step)]
     )
     dataset = dataset.map_batches(
         decode_batch,

@@ -19,6 +19,16 @@ from annotate.records import Record, records_from_table, records_to_table
 from annotate.sources import Source
 
 
+def device(num_gpus: float) -> str:
+    """CUDA for an actor that was given a GPU; torch is imported only then."""
+    if num_gpus > 0:
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda"
+    return "cpu"
+
+
 def decode_batch(table: pa.Table, *, source: Source, limits: DecodeConfig, embed: bool) -> pa.Table:
     records = records_from_table(table)
     for record in records:
@@ -69,15 +79,12 @@ def annotate_records(stage: str, backend: Backend, records: Sequence[Record]) ->
 
 
 class ModelStage:
-    """A Ray Data actor holding one backend (models load once per actor)."""
+    """A Ray Data actor holding one backend (models load once per actor). Ray sets the actor's
+    OMP_NUM_THREADS from its CPUs, which torch's thread pool follows."""
 
     def __init__(self, stage: str, config: StageConfig):
-        import torch
-
-        torch.set_num_threads(max(1, int(config.num_cpus)))
-        gpu = config.num_gpus > 0 and torch.cuda.is_available()
         self.stage = stage
-        self.backend = config.build("cuda" if gpu else "cpu")
+        self.backend = config.build(device(config.num_gpus))
 
     def __call__(self, table: pa.Table) -> pa.Table:
         records = records_from_table(table)
