@@ -71,7 +71,7 @@ class DecodeConfig(BaseModel):
     max_bytes: PositiveInt = 64 * 2**20  # a stray video in an image folder is not read whole
     working_side: PositiveInt = 1333  # longest side passed to the models (Grounding-DINO's)
     num_cpus: PositiveFloat = 1.0
-    batch_size: PositiveInt = 16
+    batch_size: PositiveInt = 32  # also the block size: one Ray task decodes a block
 
 
 class StageConfig(BaseModel):

@@ -265,3 +265,16 @@ def test_writer_is_atomic_resumable_and_deduplicates(tmp_path):
     assert annotation["bbox"] == pytest.approx([6.4, 12.8, 25.6, 25.6], abs=1e-4)
     assert image["image_id"] == first["image_id"][0].as_py() and annotation["caption"] == "a shape"
     assert set(SHARD_SCHEMA.names) <= set(first.column_names)
+
+
+def test_resources_the_cluster_lacks_are_an_error_up_front(tiny_models_root, monkeypatch):
+    from annotate.engine import check_resources
+
+    monkeypatch.chdir(tiny_models_root)
+    config = load_config(TINY_PROFILE)
+    check_resources(config, {"CPU": 2.0})
+    with pytest.raises(ValueError, match=r"need 1.75 CPUs; the Ray cluster has 1"):
+        check_resources(config, {"CPU": 1.0})
+    config.detector.num_gpus = 1
+    with pytest.raises(ValueError, match="the detect stage asks for 1 GPU per actor"):
+        check_resources(config, {"CPU": 2.0})
