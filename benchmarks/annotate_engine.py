@@ -168,8 +168,7 @@ def main() -> None:
 
     print(f"engine on Ray with {CPUS} CPUs, {args.images} images, median of {args.rounds} rounds")
     print(
-        f"{'workers':<9}{'run s':>7}{'images/s':>10}{'first record s':>16}"
-        f"{'images/s after it':>19}"
+        f"{'workers':<9}{'run s':>7}{'images/s':>10}{'first record s':>16}{'images/s after it':>19}"
     )
     rows = {}
     for workers, results in runs.items():
