@@ -28,3 +28,4 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m benchmarks.adapter_step
+	$(VENV)/bin/python -m benchmarks.annotate_engine

@@ -43,3 +43,25 @@ def make_pipeline(base_dir):
         return pipe
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the session (two CPUs, as on the project's machines); its address lets
+    a subprocess join it as a second driver."""
+    import ray
+
+    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield context.address_info["gcs_address"]
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_models_root(tmp_path_factory):
+    """A directory holding out/tiny-models/, where configs/tiny.yaml expects the tiny models
+    (its model paths are relative to the directory the engine runs from)."""
+    from annotate.tiny_models import write_tiny_models
+
+    root = tmp_path_factory.mktemp("tiny-root")
+    write_tiny_models(root / "out" / "tiny-models")
+    return root

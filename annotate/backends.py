@@ -1,0 +1,99 @@
+"""The three annotator interfaces (tagger, detector, captioner) and how a config names a backend.
+
+A backend is a class with a pydantic ``Settings`` model (its section of the config, validated
+when the profile loads), a constructor ``(settings, device)`` that loads its models, one method
+that annotates a batch of records, and ``provenance`` (what goes into the ``annotator`` column).
+Records carry the decoded image and everything the source knew (extra columns), so a backend
+that reads ground truth instead of running a model (the toy world's oracle) is just another
+backend. A config names a backend by a short name from ``BUILTIN`` or by ``"module:Class"``, so
+a new one (RAM++, a vLLM captioner) plugs in without touching the engine.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from annotate.records import Captions, Detection, Record
+
+Kind = Literal["tagger", "detector", "captioner"]
+
+BUILTIN: dict[str, dict[str, str]] = {
+    "tagger": {"clip": "annotate.clip_tagger:ClipTagger"},
+    "detector": {"grounding_dino": "annotate.grounding_dino:GroundingDinoDetector"},
+    "captioner": {"template": "annotate.captioners:TemplateCaptioner"},
+}
+
+
+class NoSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Backend:
+    """Common to every backend. Models load in ``__init__`` (on the actor), never at import,
+    so that validating a config loads nothing."""
+
+    Settings: ClassVar[type[BaseModel]] = NoSettings
+    packages: ClassVar[tuple[str, ...]] = ()  # whose versions go into the provenance
+
+    def __init__(self, settings: BaseModel, device: str):
+        self.settings = settings
+        self.device = device
+
+    @classmethod
+    def provenance(cls, settings: BaseModel) -> dict:
+        """Which backend, with which settings (model references, thresholds, prompts)."""
+        return {
+            "class": f"{cls.__module__}:{cls.__qualname__}",
+            "versions": {name: importlib.metadata.version(name) for name in cls.packages},
+            **settings.model_dump(),
+        }
+
+
+class Tagger(Backend, ABC):
+    @abstractmethod
+    def tag(self, records: Sequence[Record]) -> list[list[str]]:
+        """Tags per record, best first."""
+
+
+class Detector(Backend, ABC):
+    @abstractmethod
+    def detect(self, records: Sequence[Record]) -> list[list[Detection]]:
+        """Instances per record, prompted by ``record.tags``; captions left empty."""
+
+
+class Captioner(Backend, ABC):
+    @abstractmethod
+    def caption(self, records: Sequence[Record]) -> list[Captions]:
+        """A global caption per record and one per instance of ``record.instances``."""
+
+
+INTERFACES: dict[str, type[Backend]] = {
+    "tagger": Tagger,
+    "detector": Detector,
+    "captioner": Captioner,
+}
+
+
+def resolve_backend(kind: Kind, name: str) -> type[Backend]:
+    """The class a config's ``backend`` names: a short name of ``BUILTIN[kind]`` or
+    ``"module:Class"``. Raises ``ValueError`` with the choices when it names nothing usable."""
+    target = BUILTIN[kind].get(name, name)
+    module_name, _, class_name = target.partition(":")
+    if not class_name:
+        raise ValueError(
+            f"unknown {kind} backend {name!r}: use one of {', '.join(BUILTIN[kind])} "
+            "or 'module:Class'"
+        )
+    try:
+        backend = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"{kind} backend {name!r} cannot be imported: {error}") from None
+    if not (isinstance(backend, type) and issubclass(backend, INTERFACES[kind])):
+        raise ValueError(f"{kind} backend {name!r} is not a {INTERFACES[kind].__name__}")
+    return backend
