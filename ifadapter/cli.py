@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", required=True, type=Path, help="output directory")
     generate.add_argument("--device", default="cuda" if _cuda() else "cpu")
     _generation_args(generate)
+
+    from annotate.cli import add_parser as add_annotate_parser
+
+    add_annotate_parser(commands)
     return parser
 
 
@@ -209,7 +213,9 @@ def run_demo(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    runners = {"demo": run_demo, "generate": run_generate}
+    from annotate.cli import run as run_annotate
+
+    runners = {"demo": run_demo, "generate": run_generate, "annotate": run_annotate}
     try:
         runners[args.command](args)
     except (UsageError, ValueError, FileNotFoundError) as error:
