@@ -96,14 +96,13 @@ def train_config(base_dir, shard_dataset, shared_cache_dir, tmp_path):
     from training.config import load_train_config
 
     def make(**overrides):
-        return load_train_config(
-            TINY_PROFILE,
-            base=str(base_dir),
-            data=str(shard_dataset),
-            output=str(tmp_path / "out"),
-            cache_dir=str(shared_cache_dir),
-            **overrides,
-        )
+        paths = {
+            "base": str(base_dir),
+            "data": str(shard_dataset),
+            "output": str(tmp_path / "out"),
+            "cache_dir": str(shared_cache_dir),
+        }
+        return load_train_config(TINY_PROFILE, **{**paths, **overrides})
 
     return make
 

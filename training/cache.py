@@ -363,7 +363,8 @@ def build_cache(config: TrainConfig, progress: bool = False) -> CacheInfo:
     try:
         if not ray.is_initialized():
             ray.init()
-        views = ray.data.read_parquet(dataset.paths, columns=READ_COLUMNS).map_batches(
+        shards = ray.data.read_parquet(dataset.paths).select_columns(READ_COLUMNS)
+        views = shards.map_batches(
             prepare_views,
             batch_format="pyarrow",
             batch_size=config.cache_batch_size,
