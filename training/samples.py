@@ -130,7 +130,7 @@ class BatchPlan:
             for bucket in range(int(self.buckets.max()) + 1):
                 members = rng.permutation(np.flatnonzero(self.buckets == bucket))
                 usable = len(members) // self.global_batch * self.global_batch
-                batches.extend(np.split(members[:usable], usable // self.global_batch))
+                batches.extend(members[:usable].reshape(-1, self.global_batch))
             order = rng.permutation(len(batches))
             self._epoch = (epoch, [batches[i] for i in order])
         return self._epoch[1]
