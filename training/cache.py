@@ -46,6 +46,7 @@ CACHE_FORMAT = 1
 CACHE_MANIFEST = "_cache.json"
 FINGERPRINTS = "_fingerprints.json"
 QUARANTINE_FILE = "quarantine.parquet"
+PART_VIEWS = 256  # views per IPC part: few files for workers to map, blocks of modest size
 ENCODER_COMPONENTS = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -237,17 +238,25 @@ def _raw(tensor: torch.Tensor, dtype: torch.dtype) -> bytes:
 
 
 class EncodeViews:
-    """Actor stage: the frozen encoders over a batch of views, written as one IPC part."""
+    """Actor stage: the frozen encoders over a block of views (``batch_size`` at a time), written
+    as one IPC part."""
 
     def __init__(
-        self, base: str, text_encoder_layers: Sequence[int], dtype: str, directory: str, gpu: bool
+        self,
+        base: str,
+        text_encoder_layers: Sequence[int],
+        dtype: str,
+        directory: str,
+        gpu: bool,
+        batch_size: int,
     ) -> None:
         self.encoders = FrozenEncoders(base, text_encoder_layers, "cuda" if gpu else "cpu")
         self.dtype = DTYPES[dtype]
         self.directory = Path(directory)
+        self.batch_size = batch_size
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
+    def __call__(self, block: pa.Table) -> pa.Table:
+        rows = block.to_pylist()
         good = [row for row in rows if row["reason"] is None]
         part = self.write(good) if good else None
         return pa.Table.from_pylist(
@@ -262,6 +271,22 @@ class EncodeViews:
         )
 
     def write(self, rows: list[dict]) -> str:
+        """Encodes the views and writes them as a part named by their ids (a retried block
+        writes the same file again)."""
+        records = []
+        for start in range(0, len(rows), self.batch_size):
+            records.extend(self.encode(rows[start : start + self.batch_size]))
+        names = "\n".join(f"{row['image_id']}/{row['view']}" for row in rows)
+        name = f"part-{hashlib.sha256(names.encode()).hexdigest()[:20]}.arrow"
+        table = pa.Table.from_pylist(records, schema=CACHE_SCHEMA)
+        temporary = self.directory / f".{name}.{uuid.uuid4().hex[:8]}"
+        with pa.OSFile(str(temporary), "wb") as sink, pa.ipc.new_file(sink, CACHE_SCHEMA) as writer:
+            writer.write_table(table)
+        os.replace(temporary, self.directory / name)
+        return name
+
+    def encode(self, rows: list[dict]) -> list[dict]:
+        """One encoder batch: cache records in the order of ``rows``."""
         latents: list[torch.Tensor | None] = [None] * len(rows)
         by_bucket: dict[tuple[int, int], list[int]] = {}
         for index, row in enumerate(rows):
@@ -310,14 +335,7 @@ class EncodeViews:
                     "eot": _raw(row_eot, self.dtype),
                 }
             )
-        names = "\n".join(f"{row['image_id']}/{row['view']}" for row in rows)
-        name = f"part-{hashlib.sha256(names.encode()).hexdigest()[:20]}.arrow"
-        table = pa.Table.from_pylist(records, schema=CACHE_SCHEMA)
-        temporary = self.directory / f".{name}.{uuid.uuid4().hex[:8]}"
-        with pa.OSFile(str(temporary), "wb") as sink, pa.ipc.new_file(sink, CACHE_SCHEMA) as writer:
-            writer.write_table(table)
-        os.replace(temporary, self.directory / name)
-        return name
+        return records
 
 
 def _model_shapes(config: TrainConfig) -> dict:
@@ -373,7 +391,7 @@ def build_cache(config: TrainConfig, progress: bool = False) -> CacheInfo:
         encoded = views.map_batches(
             EncodeViews,
             batch_format="pyarrow",
-            batch_size=config.cache_batch_size,
+            batch_size=PART_VIEWS,
             compute=ray.data.ActorPoolStrategy(size=config.cache_actors),
             num_gpus=1 if config.use_gpu else 0,
             fn_constructor_kwargs={
@@ -382,6 +400,7 @@ def build_cache(config: TrainConfig, progress: bool = False) -> CacheInfo:
                 "dtype": config.cache_dtype,
                 "directory": str(temporary),
                 "gpu": config.use_gpu,
+                "batch_size": config.cache_batch_size,
             },
         )
         quarantine, parts, images, view_rows = [], set(), set(), 0

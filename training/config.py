@@ -78,7 +78,7 @@ class TrainConfig(_Strict):
     )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     cache_dtype: Literal["float32", "float16", "bfloat16"] = "float16"
-    cache_batch_size: int = Field(16, gt=0, description="images per encoder call when caching")
+    cache_batch_size: int = Field(16, gt=0, description="views per encoder call when caching")
     cache_actors: int = Field(1, gt=0, description="encoder actors (one GPU each with use_gpu)")
 
     seed: int = 0

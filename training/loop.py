@@ -269,6 +269,7 @@ def train_worker(loop_config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             start = trainer.load(Path(directory))
+    # A micro-batch whose views lost every instance to the crop leaves the ISM layers unused.
     trainer.wrap(
         lambda module: ray.train.torch.prepare_model(
             module, parallel_strategy_kwargs={"find_unused_parameters": True}
