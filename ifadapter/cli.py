@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     from annotate.cli import add_parser as add_annotate_parser
 
     add_annotate_parser(commands)
+
+    from training.cli import add_parser as add_train_parser
+
+    add_train_parser(commands)
     return parser
 
 
@@ -214,8 +218,14 @@ def run_demo(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from annotate.cli import run as run_annotate
+    from training.cli import run_train
 
-    runners = {"demo": run_demo, "generate": run_generate, "annotate": run_annotate}
+    runners = {
+        "demo": run_demo,
+        "generate": run_generate,
+        "annotate": run_annotate,
+        "train": run_train,
+    }
     try:
         runners[args.command](args)
     except (UsageError, ValueError, FileNotFoundError) as error:

@@ -8,6 +8,7 @@ global caption (zero prompt embeddings, as SDXL's ``force_zeros_for_empty_prompt
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,27 @@ def condition_dropout(
     return keep_local, keep_global
 
 
+def _draws(
+    shape: torch.Size,
+    num_timesteps: int,
+    drop_local: float,
+    drop_global: float,
+    generator: torch.Generator | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Noise, timesteps and keep flags of a batch, in this order from ``generator``."""
+    gen_device = generator.device if generator is not None else "cpu"
+    noise = torch.randn(shape, generator=generator, device=gen_device).to(device, dtype)
+    timesteps = torch.randint(
+        0, num_timesteps, (shape[0],), generator=generator, device=gen_device
+    ).to(device)
+    keep_local, keep_global = condition_dropout(
+        shape[0], drop_local, drop_global, generator, device
+    )
+    return noise, timesteps, keep_local, keep_global
+
+
 def diffusion_loss(
     adapter: nn.Module,
     unet: UNet2DConditionModel,
@@ -59,27 +81,32 @@ def diffusion_loss(
     batch: DiffusionBatch,
     drop_local: float = 0.15,
     drop_global: float = 0.30,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Mean squared error of the adapted UNet's prediction (epsilon or v, as the scheduler says).
 
     ``adapter`` is an ``IFAdapter`` or a data-parallel wrapper of one: its forward runs the UNet.
+    ``generator`` may be a list with one generator per sample (diffusers' convention): each
+    sample's noise, timestep and dropout then come from its own generator only, so a batch split
+    across data-parallel workers or accumulation steps draws exactly what the whole batch draws.
     """
     latents = batch.latents
     size, device = latents.shape[0], latents.device
-    gen_device = generator.device if generator is not None else "cpu"
-    noise = torch.randn(latents.shape, generator=generator, device=gen_device).to(
-        device, latents.dtype
-    )
-    timesteps = torch.randint(
-        0,
-        noise_scheduler.config.num_train_timesteps,
-        (size,),
-        generator=generator,
-        device=gen_device,
-    ).to(device)
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+
+    def draws(shape, g):
+        return _draws(shape, num_timesteps, drop_local, drop_global, g, device, latents.dtype)
+
+    if isinstance(generator, Sequence):
+        if len(generator) != size:
+            raise ValueError(f"{len(generator)} generators for a batch of {size} samples")
+        per_sample = [draws((1, *latents.shape[1:]), g) for g in generator]
+        noise, timesteps, keep_local, keep_global = (
+            torch.cat(p) for p in zip(*per_sample, strict=True)
+        )
+    else:
+        noise, timesteps, keep_local, keep_global = draws(latents.shape, generator)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-    keep_local, keep_global = condition_dropout(size, drop_local, drop_global, generator, device)
     keep = keep_global.to(batch.prompt_embeds.dtype)
     prompt_embeds = batch.prompt_embeds * keep[:, None, None]
     pooled = batch.pooled_prompt_embeds * keep[:, None]

@@ -1,4 +1,6 @@
+import hashlib
 import os
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -8,6 +10,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from ifadapter import IFAdapter, IFAdapterSDXLPipeline, tiny
+from tests.shard_factory import default_rows, shapes_row, write_dataset
 
 
 @pytest.fixture(scope="session")
@@ -45,12 +48,19 @@ def make_pipeline(base_dir):
     return make
 
 
+# ----------------------------------------------------------------- Ray and training
+
+TINY_PROFILE = Path(__file__).parent.parent / "configs" / "tiny.yaml"
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray for the session (two CPUs, as on the project's machines); its address lets
     a subprocess join it as a second driver."""
     import ray
 
+    # Ray Train's controller polls its workers every 2 s by default; tests finish sooner.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield context.address_info["gcs_address"]
     ray.shutdown()
@@ -65,3 +75,61 @@ def tiny_models_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-root")
     write_tiny_models(root / "out" / "tiny-models")
     return root
+
+
+@pytest.fixture(scope="session")
+def shard_dataset(tmp_path_factory):
+    """Ten square and two wide images over two shards, plus two rows that must be quarantined:
+    a box outside [0, 1] and bytes that are no image."""
+    rows = default_rows(10)
+    wide = [
+        shapes_row(f"tests-wide-{i}", [((0.1, 0.2, 0.4, 0.9), "red", "square")], width=96)
+        for i in range(2)
+    ]
+    bad_box = shapes_row("tests-bad-box", [((0.1, 0.1, 0.5, 0.5), "red", "circle")])
+    bad_box["instances"].append(
+        {"box": [0.5, 0.5, 1.2, 0.9], "label": "square", "score": 0.5, "caption": "a square"}
+    )
+    broken = shapes_row("tests-broken", [((0.1, 0.1, 0.5, 0.5), "red", "circle")])
+    broken["image"] = b"not an image"
+    broken["sha256"] = hashlib.sha256(broken["image"]).hexdigest()
+    directory = tmp_path_factory.mktemp("shards")
+    return write_dataset(directory, [[*rows[:6], bad_box], [*rows[6:], *wide, broken]])
+
+
+@pytest.fixture(scope="session")
+def shared_cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def train_config(base_dir, shard_dataset, shared_cache_dir, tmp_path):
+    """The tiny profile on the test shards and base; keyword arguments override its keys."""
+    from training.config import load_train_config
+
+    def make(**overrides):
+        paths = {
+            "base": str(base_dir),
+            "data": str(shard_dataset),
+            "output": str(tmp_path / "out"),
+            "cache_dir": str(shared_cache_dir),
+        }
+        return load_train_config(TINY_PROFILE, **{**paths, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(ray_cluster, base_dir, shard_dataset, shared_cache_dir, tmp_path_factory):
+    """The cache of the tiny profile over the test shards, built once."""
+    from training.cache import build_cache
+    from training.config import load_train_config
+
+    config = load_train_config(
+        TINY_PROFILE,
+        base=str(base_dir),
+        data=str(shard_dataset),
+        output=str(tmp_path_factory.mktemp("cache-run")),
+        cache_dir=str(shared_cache_dir),
+    )
+    return build_cache(config)

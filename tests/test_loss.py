@@ -1,11 +1,16 @@
 """The training objective on the frozen tiny base: only the adapter learns."""
 
+from dataclasses import fields
+
+import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from ifadapter import DiffusionBatch, IFAdapter, diffusion_loss, tiny
+from ifadapter import DiffusionBatch, IFAdapter, InstanceFeatures, diffusion_loss, tiny
 from ifadapter.loss import condition_dropout, freeze_base
 from tests.test_attention import TWO, features_for
+
+INSTANCE_FIELDS = [f.name for f in fields(InstanceFeatures)]
 
 
 def batch_for(components, adapter, seed=0):
@@ -72,3 +77,37 @@ def test_loss_is_deterministic_for_a_seeded_generator(components):
             adapter, unet, scheduler, batch, generator=torch.Generator().manual_seed(5)
         )
     assert torch.equal(first, second)
+
+
+def test_per_sample_generators_make_the_loss_independent_of_the_split(components):
+    """One generator per sample: the loss of a batch is the mean of the losses of its halves."""
+    unet = components["unet"]
+    adapter = IFAdapter.for_unet(unet, **tiny.adapter_config())
+    adapter.install(unet)
+    scheduler = DDPMScheduler.from_config(components["scheduler"].config)
+    whole = batch_for(components, adapter)
+    halves = [
+        DiffusionBatch(
+            latents=whole.latents[i : i + 1],
+            prompt_embeds=whole.prompt_embeds[i : i + 1],
+            pooled_prompt_embeds=whole.pooled_prompt_embeds[i : i + 1],
+            time_ids=whole.time_ids[i : i + 1],
+            instances=InstanceFeatures(
+                **{f: getattr(whole.instances, f)[i : i + 1] for f in INSTANCE_FIELDS}
+            ),
+        )
+        for i in range(2)
+    ]
+
+    def generators(seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    with torch.no_grad():
+        together = diffusion_loss(adapter, unet, scheduler, whole, generator=generators([3, 4]))
+        apart = [
+            diffusion_loss(adapter, unet, scheduler, half, generator=generators([seed]))
+            for half, seed in zip(halves, [3, 4], strict=True)
+        ]
+    torch.testing.assert_close(together, sum(apart) / 2)
+    with pytest.raises(ValueError, match="1 generators for a batch of 2"):
+        diffusion_loss(adapter, unet, scheduler, whole, generator=generators([3]))
