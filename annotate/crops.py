@@ -15,8 +15,12 @@ def crop_box(image: Image.Image, box: Sequence[float], padding: float) -> Image.
     x0, y0, x1, y1 = box
     grow_x, grow_y = (x1 - x0) * padding, (y1 - y0) * padding
     width, height = image.size
-    left = max(0, math.floor((x0 - grow_x) * width))
-    top = max(0, math.floor((y0 - grow_y) * height))
-    right = min(width, max(left + 1, math.ceil((x1 + grow_x) * width)))
-    bottom = min(height, max(top + 1, math.ceil((y1 + grow_y) * height)))
+
+    def pixel(value: float, side: int) -> float:  # rounded: 0.15 * 200 must not become 31
+        return round(value * side, 6)
+
+    left = max(0, math.floor(pixel(x0 - grow_x, width)))
+    top = max(0, math.floor(pixel(y0 - grow_y, height)))
+    right = min(width, max(left + 1, math.ceil(pixel(x1 + grow_x, width))))
+    bottom = min(height, max(top + 1, math.ceil(pixel(y1 + grow_y, height))))
     return image.crop((left, top, right, bottom))

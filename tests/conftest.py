@@ -65,3 +65,28 @@ def tiny_models_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-root")
     write_tiny_models(root / "out" / "tiny-models")
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory):
+    """``tiny_vlm(architecture)``: the directory of a tiny random-weight VLM checkpoint
+    (qwen2_vl, qwen2_5_vl, internvl), built on first use and kept for the session."""
+    from annotate.tiny_vlm import write_tiny_vlm
+
+    root = tmp_path_factory.mktemp("tiny-vlm")
+    built = {}
+
+    def get(architecture: str = "qwen2_vl"):
+        if architecture not in built:
+            built[architecture] = write_tiny_vlm(root / architecture, architecture)
+        return built[architecture]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def qwen2_vl_client(tiny_vlm):
+    """The in-process client on the tiny Qwen2-VL, shared by the captioning tests."""
+    from annotate.vlm_transformers import TransformersChatClient
+
+    return TransformersChatClient(str(tiny_vlm("qwen2_vl")), "cpu", max_batch=8)
