@@ -144,7 +144,15 @@ class RayVLLMCaptioner(DatasetCaptioner):
             preprocess=lambda row: request_row(row, settings, names),
             postprocess=lambda row: reply_columns(row, names),
         )
-        rows = processor(dataset).map(lambda row: result_row(row, settings, names))
-        return rows.map_batches(
-            lambda table: table.select(names).cast(schema), batch_format="pyarrow"
-        )
+        return restore(processor(dataset), settings, schema)
+
+
+def restore(
+    rows: ray.data.Dataset, settings: RayVLLMSettings, schema: pa.Schema
+) -> ray.data.Dataset:
+    """The processor's output rows as the engine's work rows again (captions and faults in)."""
+    names = schema.names
+    records = rows.map(lambda row: result_row(row, settings, names))
+    return records.map_batches(
+        lambda table: table.select(names).cast(schema), batch_format="pyarrow"
+    )

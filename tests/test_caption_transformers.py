@@ -19,6 +19,7 @@ from annotate.ray_vllm import (
     RayVLLMSettings,
     reply_columns,
     request_row,
+    restore,
     result_row,
 )
 from annotate.records import Detection, Record, work_schema
@@ -178,6 +179,13 @@ def test_ray_vllm_rows_round_trip_a_real_reply(qwen2_vl_client, tmp_path, ray_cl
 
     import ray
 
+    processed = [
+        {**reply_columns(answered, names), ERROR_COLUMN: ""},
+        {**row, "messages": asked["messages"], ERROR_COLUMN: "prompt too long"},
+        {**reply_columns(rejected.to_row(), names), ERROR_COLUMN: ""},
+    ]
+    back = restore(ray.data.from_items(processed), settings, schema).take_all()
+    assert [Record.from_row(r).faults for r in back] == [done.faults, failed.faults, []]
     stage = CaptionerConfig(backend="ray_vllm", model=str(qwen2_vl_client.model), workers=1)
     dataset = RayVLLMCaptioner.transform(ray.data.from_items([{"x": 1}]), stage, schema)
     assert isinstance(dataset, ray.data.Dataset)  # built lazily: running it needs vLLM and a GPU
