@@ -43,7 +43,7 @@ STRING_KEYS = {"type", "minLength", "maxLength", "enum", "title", "description"}
 ARRAY_KEYS = {"type", "items", "minItems", "maxItems", "title", "description"}
 
 
-def _lead(byte: int) -> tuple[int, tuple[int, int]] | None:
+def lead(byte: int) -> tuple[int, tuple[int, int]] | None:
     """Continuation bytes due after a UTF-8 lead byte, and the range of the first one."""
     if 0xC2 <= byte <= 0xDF:
         return 1, CONTINUATION
@@ -108,8 +108,8 @@ class Grammar:
                     if byte < 0x80:
                         if byte not in FORBIDDEN_IN_STRING:
                             moved.append((pc, count + 1, 0, 0, 0))
-                    elif (lead := _lead(byte)) is not None:
-                        moved.append((pc, count + 1, lead[0], *lead[1]))
+                    elif (lead_bytes := lead(byte)) is not None:
+                        moved.append((pc, count + 1, lead_bytes[0], *lead_bytes[1]))
         return self.closure(moved) if moved else frozenset()
 
     def feed(self, state: State, data: bytes) -> State:
@@ -134,9 +134,19 @@ class Grammar:
             default=0,
         )
 
-    def next_bytes(self, state: State) -> set[int]:
-        """The literal bytes the structure allows next (string contents aside)."""
-        return {self.program[t[0]][1] for t in state if self.program[t[0]][0] == BYTE}
+    def next_bytes(self, state: State, closing: bool = True) -> set[int]:
+        """The literal bytes the structure allows next (string contents aside); without the
+        quotes that would close a string being written when ``closing`` is false."""
+        return {
+            self.program[pc][1]
+            for pc, *_ in state
+            if self.program[pc][0] == BYTE
+            and (closing or pc == 0 or self.program[pc - 1][0] != STRING)
+        }
+
+    def mid_character(self, state: State) -> bool:
+        """Whether a string thread waits for the continuation bytes of a character."""
+        return any(self.program[t[0]][0] == STRING and t[2] for t in state)
 
     def in_string(self, state: State) -> bool:
         return any(self.program[t[0]][0] == STRING for t in state)
