@@ -90,3 +90,13 @@ def qwen2_vl_client(tiny_vlm):
     from annotate.vlm_transformers import TransformersChatClient
 
     return TransformersChatClient(str(tiny_vlm("qwen2_vl")), "cpu", max_batch=8)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models on one torch thread: on the shared two-core machine two OpenMP threads
+    contend with other jobs and generation runs tens of times slower (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

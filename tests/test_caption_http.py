@@ -29,6 +29,8 @@ SCHEMA = {
     "additionalProperties": False,
 }
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def fault_rules() -> dict[str, Rule]:
     """Instance labels and the fault each one's request meets."""

@@ -58,8 +58,8 @@ def test_unsupported_schemas_are_named(schema, fault):
 
 
 def test_token_mask_walks_only_into_valid_json():
-    """Random choices among the allowed tokens always end in JSON that follows the schema,
-    with multi-byte characters split across tokens."""
+    """The mask allows exactly the tokens the grammar accepts, and random choices among them
+    always end in JSON that follows the schema, multi-byte characters split across tokens."""
     schema = reply_schema(True, 2, SETTINGS)
     grammar = Grammar.from_schema(schema)
     vocabulary = [bytes([b]) for b in range(256)] + [
@@ -70,6 +70,9 @@ def test_token_mask_walks_only_into_valid_json():
         "é".encode(),
         "中文".encode()[:4],
         b'a"',
+        b'"},{"caption":"x',
+        'é"'.encode(),
+        b"a\\n",
         None,
     ]
     eos = len(vocabulary) - 1
@@ -78,7 +81,11 @@ def test_token_mask_walks_only_into_valid_json():
     for _ in range(30):
         state, out = grammar.start, b""
         while True:
-            token = rng.choice(mask.allowed(grammar, state).nonzero().flatten().tolist())
+            allowed = mask.allowed(grammar, state)
+            accepted = [bool(data and grammar.feed(state, data)) for data in vocabulary]
+            accepted[eos] = grammar.accepts(state)
+            assert allowed.tolist() == accepted
+            token = rng.choice(allowed.nonzero().flatten().tolist())
             if token == eos:
                 break
             out += vocabulary[token]

@@ -33,6 +33,8 @@ from tests.test_annotate_models import decoded_records
 
 BOXES = [((0.05, 0.1, 0.55, 0.6), "red ball"), ((0.4, 0.3, 0.95, 0.9), "blue box")]
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def with_instances(records: list[Record]) -> list[Record]:
     for record in records:
