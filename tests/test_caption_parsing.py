@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from annotate.caption_requests import CaptionPlan, CaptionSettings, parse_reply, reply_schema
+from annotate.config import load_config
 from annotate.crops import crop_box
 from annotate.json_grammar import Grammar, token_budget
 from annotate.prompts import PromptSet
@@ -15,6 +16,7 @@ from annotate.records import Detection, Record
 from annotate.replies import REASONS, Unusable, check_caption, script_share
 from annotate.token_mask import TokenMask
 from annotate.vlm import ChatReply
+from tests.annotate_inputs import REPO
 
 SETTINGS = CaptionSettings(max_caption_chars=40, max_instance_chars=20)
 
@@ -199,3 +201,14 @@ def test_plan_deduplicates_groups_and_assembles():
     assert [(f.stage, f.instance, f.reason) for f in third.faults] == [
         ("caption", None, "http: 503 busy (attempts: 4)")
     ]
+
+
+def test_real_scale_profile_validates(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # hub ids are fine to name; nothing is downloaded
+    config = load_config(REPO / "configs" / "sdxl.yaml")
+    captioner = config.provenance()["caption"]
+    assert captioner["backend"] == "openai_http" and captioner["model"].startswith(
+        "Qwen/Qwen2.5-VL"
+    )
+    assert captioner["api_key_env"] == "VLLM_API_KEY" and captioner["prompts"]["version"]
+    assert config.detector.settings.model == "IDEA-Research/grounding-dino-base"
