@@ -41,7 +41,7 @@ from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoP
 from annotate.vocabulary import load_vocabulary
 
 Architecture = Literal["qwen2_vl", "qwen2_5_vl", "internvl"]
-ARCHITECTURES: dict[str, str] = {  # architecture -> directory name
+ARCHITECTURES: dict[Architecture, str] = {  # architecture -> directory name
     "qwen2_vl": "qwen2-vl",
     "qwen2_5_vl": "qwen2.5-vl",
     "internvl": "internvl",
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     for architecture, name in ARCHITECTURES.items():
-        path = write_tiny_vlm(args.directory / name, architecture, args.seed)  # type: ignore[arg-type]
+        path = write_tiny_vlm(args.directory / name, architecture, args.seed)
         print(f"wrote {architecture} to {path}")
 
 

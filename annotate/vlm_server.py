@@ -49,11 +49,7 @@ REFUSED_FIELDS = (
 
 
 class RequestError(ValueError):
-    """A request this server cannot serve; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
+    """A request this server cannot serve (answered with 400 and the message)."""
 
 
 def error_response(message: str, status: int) -> web.Response:
@@ -173,7 +169,7 @@ class ChatCompletionsServer:
         self.api_key = api_key
         self.max_batch = max_batch
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlm-generate")
-        self.queue: asyncio.Queue[tuple[ChatRequest, asyncio.Future]] | None = None
+        self.queue: asyncio.Queue[tuple[ChatRequest, asyncio.Future]] = asyncio.Queue()
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=256 * 2**20)
@@ -184,7 +180,6 @@ class ChatCompletionsServer:
         return app
 
     async def batching(self, app: web.Application):
-        self.queue = asyncio.Queue()
         task = asyncio.create_task(self.run_batches())
         yield
         task.cancel()
@@ -238,9 +233,8 @@ class ChatCompletionsServer:
         try:
             chat = chat_request(body)
         except RequestError as error:
-            return error_response(str(error), error.status)
+            return error_response(str(error), 400)
         future: asyncio.Future = asyncio.get_running_loop().create_future()
-        assert self.queue is not None
         await self.queue.put((chat, future))
         reply: ChatReply = await future
         if reply.error is not None:
