@@ -29,3 +29,4 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/python -m benchmarks.adapter_step
 	$(VENV)/bin/python -m benchmarks.annotate_engine
+	$(VENV)/bin/python -m benchmarks.caption_requests

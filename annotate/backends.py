@@ -6,7 +6,8 @@ that annotates a batch of records, and ``provenance`` (what goes into the ``anno
 Records carry the decoded image and everything the source knew (extra columns), so a backend
 that reads ground truth instead of running a model (the toy world's oracle) is just another
 backend. A config names a backend by a short name from ``BUILTIN`` or by ``"module:Class"``, so
-a new one (RAM++, a vLLM captioner) plugs in without touching the engine.
+a new one (RAM++, a vLLM captioner) plugs in without touching the engine. A captioner that runs
+as Ray Data operators of its own (vLLM in Ray Data) is a ``DatasetCaptioner`` instead.
 """
 
 from __future__ import annotations
@@ -15,18 +16,29 @@ import importlib
 import importlib.metadata
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from annotate.records import Captions, Detection, Record
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import ray.data
+
+    from annotate.config import StageConfig
 
 Kind = Literal["tagger", "detector", "captioner"]
 
 BUILTIN: dict[str, dict[str, str]] = {
     "tagger": {"clip": "annotate.clip_tagger:ClipTagger"},
     "detector": {"grounding_dino": "annotate.grounding_dino:GroundingDinoDetector"},
-    "captioner": {"template": "annotate.captioners:TemplateCaptioner"},
+    "captioner": {
+        "template": "annotate.captioners:TemplateCaptioner",
+        "transformers_vlm": "annotate.vlm_captioners:TransformersVLMCaptioner",
+        "openai_http": "annotate.vlm_captioners:HTTPVLMCaptioner",
+        "ray_vllm": "annotate.ray_vllm:RayVLLMCaptioner",
+    },
 }
 
 
@@ -73,10 +85,24 @@ class Captioner(Backend, ABC):
         """A global caption per record and one per instance of ``record.instances``."""
 
 
-INTERFACES: dict[str, type[Backend]] = {
-    "tagger": Tagger,
-    "detector": Detector,
-    "captioner": Captioner,
+class DatasetCaptioner(Backend, ABC):
+    """A captioner that brings its own Ray Data operators instead of running in the engine's
+    actors: vLLM inside Ray Data, where ``ray.data.llm`` owns the GPU engines and their
+    batching. It is never instantiated by the engine; ``transform`` maps the dataset's work rows
+    one to one, filling in captions and faults, and keeps the rows in ``schema``."""
+
+    @classmethod
+    @abstractmethod
+    def transform(
+        cls, dataset: ray.data.Dataset, stage: StageConfig, schema: pa.Schema
+    ) -> ray.data.Dataset:
+        """The dataset with this stage's operators appended."""
+
+
+INTERFACES: dict[str, tuple[type[Backend], ...]] = {
+    "tagger": (Tagger,),
+    "detector": (Detector,),
+    "captioner": (Captioner, DatasetCaptioner),
 }
 
 
@@ -95,5 +121,6 @@ def resolve_backend(kind: Kind, name: str) -> type[Backend]:
     except (ImportError, AttributeError) as error:
         raise ValueError(f"{kind} backend {name!r} cannot be imported: {error}") from None
     if not (isinstance(backend, type) and issubclass(backend, INTERFACES[kind])):
-        raise ValueError(f"{kind} backend {name!r} is not a {INTERFACES[kind].__name__}")
+        expected = " or ".join(interface.__name__ for interface in INTERFACES[kind])
+        raise ValueError(f"{kind} backend {name!r} is not a {expected}")
     return backend

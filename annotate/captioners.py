@@ -1,5 +1,5 @@
-"""Captioners that need no model. The vision-language backends (Qwen2-VL, InternVL on vLLM)
-come with the captioning issue and implement the same ``Captioner`` interface."""
+"""Captioners that need no model. The vision-language backends (Qwen2-VL, Qwen2.5-VL, InternVL)
+are in ``annotate.vlm_captioners`` and ``annotate.ray_vllm``."""
 
 from __future__ import annotations
 

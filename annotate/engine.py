@@ -18,6 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from annotate.backends import DatasetCaptioner
 from annotate.config import AnnotateConfig
 from annotate.plan import Plan, partition
 from annotate.records import (
@@ -129,6 +130,10 @@ def run_pipeline(
         num_cpus=config.decode.num_cpus,
     )
     for stage, stage_config in config.stages().items():
+        backend = stage_config.backend_class()
+        if issubclass(backend, DatasetCaptioner):
+            dataset = backend.transform(dataset, stage_config, schema)
+            continue
         dataset = dataset.map_batches(
             ModelStage,
             fn_constructor_kwargs={"stage": stage, "config": stage_config},

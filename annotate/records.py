@@ -5,17 +5,23 @@ or, once a stage has rejected it (``reject_stage``/``reject_reason`` set), as a 
 later stages pass rejected records through untouched. Between Ray Data stages records travel as
 Arrow tables of ``work_schema``: the decoded image as raw RGB bytes at working size (so no stage
 decodes the original again), plus whatever extra columns the source declares.
+
+An annotation a backend could not make (a caption the VLM would not give, or gave unusably)
+does not reject its record: the annotation stays empty and a ``Fault`` with the reason travels
+with the record into its row's ``annotator`` provenance.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 from PIL import Image
 
 from annotate.schema import INSTANCE_TYPE
+
+FAULT_TYPE = pa.struct([("stage", pa.string()), ("instance", pa.int32()), ("reason", pa.string())])
 
 # Bookkeeping and intermediate columns; the shard's own columns are derived from them on write.
 BASE_WORK_SCHEMA = pa.schema(
@@ -35,6 +41,7 @@ BASE_WORK_SCHEMA = pa.schema(
         ("tags", pa.list_(pa.string())),
         ("instances", pa.list_(INSTANCE_TYPE)),
         ("caption", pa.string()),
+        ("faults", pa.list_(FAULT_TYPE)),
         ("reject_stage", pa.string()),
         ("reject_reason", pa.string()),
     ]
@@ -73,11 +80,26 @@ class Detection:
 
 
 @dataclass
+class Fault:
+    """An annotation that could not be made, and why ("code: detail"). ``instance`` indexes the
+    record's instances; ``None`` means the image's own annotation (its global caption)."""
+
+    stage: str
+    reason: str
+    instance: int | None = None
+
+    def to_row(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class Captions:
-    """A captioner's answer for one image: the global caption and one per instance, in order."""
+    """A captioner's answer for one image: the global caption and one per instance, in order;
+    an empty caption has its reason in ``faults``."""
 
     caption: str
     instances: list[str]
+    faults: list[Fault] = field(default_factory=list)
 
 
 @dataclass
@@ -99,6 +121,7 @@ class Record:
     tags: list[str] = field(default_factory=list)
     instances: list[Detection] = field(default_factory=list)
     caption: str | None = None
+    faults: list[Fault] = field(default_factory=list)
     reject_stage: str | None = None
     reject_reason: str | None = None
 
@@ -134,6 +157,7 @@ class Record:
             "tags": self.tags,
             "instances": [d.to_row() for d in self.instances],
             "caption": self.caption,
+            "faults": [f.to_row() for f in self.faults],
             "reject_stage": self.reject_stage,
             "reject_reason": self.reject_reason,
             **self.extras,
@@ -160,6 +184,7 @@ class Record:
             tags=list(known.get("tags") or []),
             instances=[Detection.from_row(d) for d in known.get("instances") or []],
             caption=known.get("caption"),
+            faults=[Fault(**f) for f in known.get("faults") or []],
             reject_stage=known.get("reject_stage"),
             reject_reason=known.get("reject_reason"),
         )

@@ -57,7 +57,13 @@ def apply_backend(stage: str, backend: Backend, records: Sequence[Record]) -> No
                     f"captioner described {len(result.instances)} of "
                     f"{len(record.instances)} instances"
                 )
+            if any(
+                f.instance is not None and not 0 <= f.instance < len(record.instances)
+                for f in result.faults
+            ):
+                raise ValueError("captioner reported a fault for an instance the image lacks")
             record.caption = result.caption
+            record.faults += result.faults
             for detection, text in zip(record.instances, result.instances, strict=True):
                 detection.caption = text
 

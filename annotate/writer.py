@@ -63,7 +63,8 @@ class ShardWriter:
         for leftover in [*directory.glob("*.tmp"), *self.quarantine_dir.glob("*.tmp")]:
             leftover.unlink()
         self.schema = shard_schema(extra_schema)
-        self.annotator = json.dumps(annotator, sort_keys=True)
+        self.annotator = annotator
+        self.annotator_json = json.dumps(annotator, sort_keys=True)
         self.seen: dict[str, str] = {}  # sha256 -> image_id of the row that holds those bytes
 
     def shard_path(self, index: int) -> Path:
@@ -89,6 +90,14 @@ class ShardWriter:
                 pending.append(index)
         return pending
 
+    def provenance(self, record: Record) -> str:
+        """The run's annotator JSON, plus the record's faults (annotations left empty, and
+        why) when it has any."""
+        if not record.faults:
+            return self.annotator_json
+        faults = [fault.to_row() for fault in record.faults]
+        return json.dumps({**self.annotator, "faults": faults}, sort_keys=True)
+
     def shard_row(self, record: Record) -> dict:
         return {
             "image_id": image_id(record.source, record.sha256),
@@ -101,7 +110,7 @@ class ShardWriter:
             "caption": record.caption or "",
             "tags": record.tags,
             "instances": [d.to_row() for d in record.instances],
-            "annotator": self.annotator,
+            "annotator": self.provenance(record),
             "source_caption": record.source_caption,
             **record.extras,
         }

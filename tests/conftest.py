@@ -133,3 +133,38 @@ def tiny_cache(ray_cluster, base_dir, shard_dataset, shared_cache_dir, tmp_path_
         cache_dir=str(shared_cache_dir),
     )
     return build_cache(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory):
+    """``tiny_vlm(architecture)``: the directory of a tiny random-weight VLM checkpoint
+    (qwen2_vl, qwen2_5_vl, internvl), built on first use and kept for the session."""
+    from annotate.tiny_vlm import write_tiny_vlm
+
+    root = tmp_path_factory.mktemp("tiny-vlm")
+    built = {}
+
+    def get(architecture: str = "qwen2_vl"):
+        if architecture not in built:
+            built[architecture] = write_tiny_vlm(root / architecture, architecture)
+        return built[architecture]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def qwen2_vl_client(tiny_vlm):
+    """The in-process client on the tiny Qwen2-VL, shared by the captioning tests."""
+    from annotate.vlm_transformers import TransformersChatClient
+
+    return TransformersChatClient(str(tiny_vlm("qwen2_vl")), "cpu", max_batch=8)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models on one torch thread: on the shared two-core machine two OpenMP threads
+    contend with other jobs and generation runs tens of times slower (measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
