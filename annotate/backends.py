@@ -24,7 +24,11 @@ from annotate.records import Captions, Detection, Record
 Kind = Literal["tagger", "detector", "captioner"]
 
 BUILTIN: dict[str, dict[str, str]] = {
-    "tagger": {"clip": "annotate.clip_tagger:ClipTagger"},
+    "tagger": {
+        "clip": "annotate.clip_tagger:ClipTagger",
+        "ram_plus": "annotate.ram_tagger:RamTagger",  # RAM++ or RAM, from the checkpoint
+        "ram": "annotate.ram_tagger:RamTagger",
+    },
     "detector": {"grounding_dino": "annotate.grounding_dino:GroundingDinoDetector"},
     "captioner": {"template": "annotate.captioners:TemplateCaptioner"},
 }
