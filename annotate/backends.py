@@ -29,7 +29,11 @@ BUILTIN: dict[str, dict[str, str]] = {
         "ram_plus": "annotate.ram_tagger:RamTagger",  # RAM++ or RAM, from the checkpoint
         "ram": "annotate.ram_tagger:RamTagger",
     },
-    "detector": {"grounding_dino": "annotate.grounding_dino:GroundingDinoDetector"},
+    "detector": {
+        "grounding_dino": "annotate.grounding_dino:GroundingDinoDetector",
+        # the original code for original .pth weights; runs in .venv-gdino (transformers < 5)
+        "groundingdino_py": "annotate.groundingdino_py:GroundingDinoPyDetector",
+    },
     "captioner": {"template": "annotate.captioners:TemplateCaptioner"},
 }
 
