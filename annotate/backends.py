@@ -38,6 +38,15 @@ BUILTIN: dict[str, dict[str, str]] = {
 }
 
 
+def _version(package: str) -> str | None:
+    """None where the package is not installed: a backend may run in another environment than
+    the driver that records the provenance (``groundingdino_py``)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 class NoSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -58,7 +67,7 @@ class Backend:
         """Which backend, with which settings (model references, thresholds, prompts)."""
         return {
             "class": f"{cls.__module__}:{cls.__qualname__}",
-            "versions": {name: importlib.metadata.version(name) for name in cls.packages},
+            "versions": {name: _version(name) for name in cls.packages},
             **settings.model_dump(),
         }
 

@@ -95,3 +95,5 @@ def test_groundingdino_py_backend_validates_without_the_package():
     backend = resolve_backend("detector", "groundingdino_py")
     settings = backend.Settings(checkpoint="groundingdino_swint_ogc.pth", box_threshold=0.3)
     assert (settings.config, settings.image_side, settings.max_side) == ("swint_ogc", 800, 1333)
+    versions = backend.provenance(settings)["versions"]  # recorded by a driver without it
+    assert versions["groundingdino-py"] is None and versions["torch"] is not None
