@@ -84,6 +84,13 @@ def released_config(
         raise ValueError("the resampler's input and output widths differ; IFAdapter needs one")
     index = next(iter(layers))
     channels = [first[f"{i}.to_k_ap.weight"].shape[0] for i in layers]
+    for (index, name), layer_width in zip(layers.items(), channels, strict=True):
+        attention = unet.get_submodule(name)
+        if not attention.is_cross_attention or attention.to_q.out_features != layer_width:
+            raise ValueError(
+                f"processor {index} holds {layer_width}-channel weights but is {name!r} of this "
+                "UNet, not such a cross-attention layer: the weights are for another UNet"
+            )
     hidden = first[f"{index}.cbam.cam.linear.0.weight"].shape[0]
     return dict(
         RELEASED_BEHAVIOUR,

@@ -213,3 +213,5 @@ def test_convert_released_command(tmp_path, base_dir, released_file, converted):
     for key, value in converted.state_dict().items():
         assert torch.equal(written.state_dict()[key], value), key
     assert main(["convert-released", str(tmp_path / "missing.bin"), "--out", "x"]) == 2
+    # without --base: the SDXL 1.0 UNet, whose layer at processor 7 is no 64-channel attn2
+    assert main(["convert-released", str(released_file), "--out", str(tmp_path / "sdxl")]) == 2
