@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: env demo test lint bench
+.PHONY: env demo test test-gdino lint bench
 
 env: $(STAMP)
 
@@ -25,6 +25,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest -q
+
+# groundingdino-py needs transformers < 5: its own environment (.venv-gdino) and test
+test-gdino:
+	scripts/gdino_env.sh
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m benchmarks.adapter_step

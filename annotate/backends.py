@@ -31,8 +31,16 @@ if TYPE_CHECKING:
 Kind = Literal["tagger", "detector", "captioner"]
 
 BUILTIN: dict[str, dict[str, str]] = {
-    "tagger": {"clip": "annotate.clip_tagger:ClipTagger"},
-    "detector": {"grounding_dino": "annotate.grounding_dino:GroundingDinoDetector"},
+    "tagger": {
+        "clip": "annotate.clip_tagger:ClipTagger",
+        "ram_plus": "annotate.ram_tagger:RamTagger",  # RAM++ or RAM, from the checkpoint
+        "ram": "annotate.ram_tagger:RamTagger",
+    },
+    "detector": {
+        "grounding_dino": "annotate.grounding_dino:GroundingDinoDetector",
+        # the original code for original .pth weights; runs in .venv-gdino (transformers < 5)
+        "groundingdino_py": "annotate.groundingdino_py:GroundingDinoPyDetector",
+    },
     "captioner": {
         "template": "annotate.captioners:TemplateCaptioner",
         "transformers_vlm": "annotate.vlm_captioners:TransformersVLMCaptioner",
@@ -40,6 +48,15 @@ BUILTIN: dict[str, dict[str, str]] = {
         "ray_vllm": "annotate.ray_vllm:RayVLLMCaptioner",
     },
 }
+
+
+def _version(package: str) -> str | None:
+    """None where the package is not installed: a backend may run in another environment than
+    the driver that records the provenance (``groundingdino_py``)."""
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 class NoSettings(BaseModel):
@@ -62,7 +79,7 @@ class Backend:
         """Which backend, with which settings (model references, thresholds, prompts)."""
         return {
             "class": f"{cls.__module__}:{cls.__qualname__}",
-            "versions": {name: importlib.metadata.version(name) for name in cls.packages},
+            "versions": {name: _version(name) for name in cls.packages},
             **settings.model_dump(),
         }
 

@@ -124,6 +124,7 @@ class GroundingDinoDetector(Detector):
         self.model = GroundingDinoForObjectDetection.from_pretrained(settings.model)
         self.model = self.model.to(device).eval()
         self.processor = AutoProcessor.from_pretrained(settings.model)
+        self.tokenizer = self.processor.tokenizer
         text_config = self.model.config.text_config
         self.max_tokens = min(
             settings.max_text_tokens or self.model.config.max_text_len,
@@ -134,29 +135,21 @@ class GroundingDinoDetector(Detector):
 
     def token_count(self, tag: str) -> int:
         if tag not in self._token_counts:
-            ids = self.processor.tokenizer(prompt_text(tag), add_special_tokens=False)["input_ids"]
+            ids = self.tokenizer(prompt_text(tag), add_special_tokens=False)["input_ids"]
             self._token_counts[tag] = len(ids)
         return self._token_counts[tag]
 
     @torch.inference_mode()
     def _run(self, images: list, tag_groups: list[list[str]]) -> list[list[Detection]]:
         prompts = [build_prompt(tags) for tags in tag_groups]
-        text = self.processor.tokenizer(
+        text = self.tokenizer(
             [p for p, _ in prompts],
             padding="longest",
             return_offsets_mapping=True,
             return_tensors="pt",
         )
         offsets = text.pop("offset_mapping").tolist()
-        pixels = self.processor.image_processor(images, return_tensors="pt")
-        outputs = self.model(
-            pixel_values=pixels["pixel_values"].to(self.device, self.model.dtype),
-            pixel_mask=pixels["pixel_mask"].to(self.device),
-            **text.to(self.device),
-        )
-        length = text["input_ids"].shape[1]
-        probabilities = outputs.logits[:, :, :length].sigmoid().float().cpu()
-        boxes = outputs.pred_boxes.float().cpu()
+        probabilities, boxes = self._forward(images, [p for p, _ in prompts], text)
         return [
             decode_queries(
                 probabilities[i],
@@ -168,6 +161,21 @@ class GroundingDinoDetector(Detector):
             )
             for i, (tags, (_, spans)) in enumerate(zip(tag_groups, prompts, strict=True))
         ]
+
+    def _forward(
+        self, images: list, prompts: list[str], text: dict
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token probabilities (B, queries, tokens) and normalised cxcywh boxes, on the CPU."""
+        pixels = self.processor.image_processor(images, return_tensors="pt")
+        outputs = self.model(
+            pixel_values=pixels["pixel_values"].to(self.device, self.model.dtype),
+            pixel_mask=pixels["pixel_mask"].to(self.device),
+            **text.to(self.device),
+        )
+        length = text["input_ids"].shape[1]
+        return outputs.logits[
+            :, :, :length
+        ].sigmoid().float().cpu(), outputs.pred_boxes.float().cpu()
 
     def detect(self, records: Sequence[Record]) -> list[list[Detection]]:
         jobs = [

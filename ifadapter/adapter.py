@@ -5,6 +5,11 @@ cross-attention layer) and nothing of the base model: ``install`` puts an
 ``IFAdapterAttnProcessor`` on the chosen layers of an unmodified ``UNet2DConditionModel``, and the
 processors read the conditioning that this module activates around a UNet call. The UNet's own
 state dict therefore stays the base model's, and a checkpoint holds the adapter alone.
+
+The defaults follow the paper's equations. Five config values instead reproduce the authors'
+released inference code, for their weights (``ifadapter.released`` converts ``spd_adapter.bin``
+and sets them): ``resampler_variant="released"``, ``qk_norm_dim``, ``fusion_slots``,
+``injection="before_to_out"`` and ``dropped_description="empty"``.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import contextlib
 import fnmatch
 import os
 from collections.abc import Iterator, Sequence
+from typing import Literal
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -21,9 +27,14 @@ from diffusers.models.modeling_utils import ModelMixin
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ifadapter.attention_processor import IFAdapterAttnProcessor, InstanceConditioning, ISMLayer
+from ifadapter.attention_processor import (
+    IFAdapterAttnProcessor,
+    Injection,
+    InstanceConditioning,
+    ISMLayer,
+)
 from ifadapter.box_embedding import BoxEmbedding
-from ifadapter.resampler import Resampler
+from ifadapter.resampler import Resampler, Variant
 from ifadapter.text import InstanceFeatures
 
 WEIGHTS_NAME = "ifadapter.safetensors"
@@ -42,7 +53,21 @@ def _module_key(layer: str) -> str:
 
 
 class IFAdapter(ModelMixin, ConfigMixin):
-    """Instance feature adapter; every size is a config value saved with the checkpoint."""
+    """Instance feature adapter; every size is a config value saved with the checkpoint.
+
+    Behaviour of the released code (all off by default):
+
+    - ``resampler_variant="released"``: gated feed-forward, a LayerNorm before ``proj_out``, and
+      a word mask that shrinks by one word per layer (``resampler.released_key_masks``);
+    - ``qk_norm_dim``: RMSNorm of this width on each head of the ISM query and instance keys;
+    - ``fusion_slots``: the released fusion (``fusion.fuse_instances_released``), a softmax over
+      this many slots with padding; a layout with more instances is an error;
+    - ``injection="before_to_out"``: the ISM is added to the attention output before the
+      frozen ``to_out`` projection;
+    - ``dropped_description="empty"``: a dropped description (the unconditional branch of
+      guidance) gives the resampler's output for no words and a zero EoT token, instead of zero
+      appearance and EoT tokens. The box embedding stays either way.
+    """
 
     config_name = "config.json"
 
@@ -66,6 +91,11 @@ class IFAdapter(ModelMixin, ConfigMixin):
         fusion_kernel: int = 7,
         appearance_tokens: bool = True,
         eot_token: bool = True,
+        resampler_variant: Variant = "ip_adapter",
+        qk_norm_dim: int | None = None,
+        fusion_slots: int | None = None,
+        injection: Injection = "after_to_out",
+        dropped_description: Literal["zero", "empty"] = "zero",
     ) -> None:
         super().__init__()
         if len(layers) != len(layer_channels):
@@ -84,6 +114,7 @@ class IFAdapter(ModelMixin, ConfigMixin):
                 dim_head=resampler_dim_head,
                 num_queries=num_queries,
                 ff_mult=resampler_ff_mult,
+                variant=resampler_variant,
             )
             if appearance_tokens
             else None
@@ -94,7 +125,13 @@ class IFAdapter(ModelMixin, ConfigMixin):
         self.ism_layers = nn.ModuleDict(
             {
                 _module_key(name): ISMLayer(
-                    channels, cross_attention_dim, fusion_reduction, fusion_kernel
+                    channels,
+                    cross_attention_dim,
+                    fusion_reduction,
+                    fusion_kernel,
+                    qk_norm_dim,
+                    fusion_slots,
+                    injection,
                 )
                 for name, channels in zip(layers, layer_channels, strict=True)
             }
@@ -142,6 +179,12 @@ class IFAdapter(ModelMixin, ConfigMixin):
                 raise ValueError(
                     f"layer {name!r} changes width in to_out; the ISM cannot add to it"
                 )
+            norm_dim = self.config.qk_norm_dim
+            if norm_dim is not None and channels // attention.heads != norm_dim:
+                raise ValueError(
+                    f"layer {name!r} has {channels // attention.heads}-wide heads; the adapter's "
+                    f"query/key norm is {norm_dim} wide"
+                )
             processors[key] = IFAdapterAttnProcessor(name, self.ism_layer(name), self)
         unet.set_attn_processor(processors)
 
@@ -152,27 +195,33 @@ class IFAdapter(ModelMixin, ConfigMixin):
     ) -> torch.Tensor:
         """Appearance tokens + EoT token + box embedding per instance: (B, N, S, D).
 
-        ``keep_local`` (B,) scales the description-derived tokens per layout: 0 gives the
-        unconditional branch of guidance (and the training dropout), which keeps the box
-        embedding. Padding slots stay exactly zero.
+        ``keep_local`` (B,) holds 1 to keep and 0 to drop the descriptions of each layout: 0
+        gives the unconditional branch of guidance (and the training dropout), which keeps the
+        box embedding (``dropped_description`` says what else). Padding slots stay exactly zero.
         """
         features = features.to(self.device, self.dtype)
         mask = features.mask
         words, word_mask = features.words[mask], features.word_mask[mask]  # (M, k, T, D), (M, T)
         count, layers, length, dim = words.shape
+        keep = None  # (M, 1, 1)
+        if keep_local is not None:
+            keep = keep_local.to(self.dtype)[:, None].expand_as(mask)[mask][:, None, None]
+        dropped = self.config.dropped_description
         parts = []
         if self.resampler is not None:
+            if keep is not None and dropped == "empty":  # no word of a dropped description
+                word_mask = word_mask & (keep[:, 0] > 0)
             appearance = self.resampler(
                 words.reshape(count * layers, length, dim),
                 word_mask.repeat_interleave(layers, 0),
-            )
-            parts.append(appearance.reshape(count, -1, dim))
+            ).reshape(count, -1, dim)
+            if keep is not None and dropped == "zero":
+                appearance = appearance * keep
+            parts.append(appearance)
         if self.config.eot_token:
-            parts.append(features.eot[mask].unsqueeze(1))
+            eot = features.eot[mask].unsqueeze(1)
+            parts.append(eot if keep is None else eot * keep)
         tokens = torch.cat(parts, dim=1)
-        if keep_local is not None:
-            keep = keep_local.to(tokens.dtype)[:, None].expand_as(mask)[mask]
-            tokens = tokens * keep[:, None, None]
         tokens = tokens + self.box_embedding(features.boxes[mask].to(tokens.dtype)).unsqueeze(1)
         out = tokens.new_zeros(*mask.shape, tokens.shape[1], dim)
         out[mask] = tokens
@@ -186,6 +235,12 @@ class IFAdapter(ModelMixin, ConfigMixin):
         latent_size: tuple[int, int],
     ) -> InstanceConditioning:
         """Projects instance tokens once for every ISM layer: valid for every denoising step."""
+        slots = self.config.fusion_slots
+        if slots is not None and mask.shape[1] and int(mask.sum(1).max()) > slots:
+            raise ValueError(
+                f"a layout has {int(mask.sum(1).max())} instances; this adapter's fusion has "
+                f"{slots} instance slots (fusion_slots, as the released weights were trained)"
+            )
         keys, values = {}, {}
         for name in self.config.layers:
             layer = self.ism_layer(name)

@@ -12,33 +12,55 @@ every instance at once (batched SDPA, no loop over instances):
 
 With no conditioning set (base generation, or past ``control_ratio``) the processor computes
 exactly what diffusers' ``AttnProcessor2_0`` computes.
+
+Three settings of an ``ISMLayer`` reproduce the authors' released code for their weights: an
+RMSNorm on each head of the ISM query and of the instance keys (``qk_norm_dim``), the released
+fusion over a fixed number of padded slots (``fusion_slots``, see ``fusion.py``), and the
+injection before the frozen ``to_out`` projection instead of after it (``before_to_out``).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from ifadapter.fusion import FusionScorer, fuse_instances
+from ifadapter.fusion import FusionScorer, fuse_instances, fuse_instances_released
+
+Injection = Literal["after_to_out", "before_to_out"]
 
 
 class ISMLayer(nn.Module):
-    """Trainable parameters the adapter adds to one cross-attention layer."""
+    """Trainable parameters the adapter adds to one cross-attention layer, and how it uses them
+    (the defaults follow the paper; the others reproduce the released code)."""
 
     def __init__(
-        self, channels: int, token_dim: int, fusion_reduction: int, fusion_kernel: int
+        self,
+        channels: int,
+        token_dim: int,
+        fusion_reduction: int,
+        fusion_kernel: int,
+        qk_norm_dim: int | None = None,
+        fusion_slots: int | None = None,
+        injection: Injection = "after_to_out",
     ) -> None:
         super().__init__()
         self.to_k_ap = nn.Linear(token_dim, channels, bias=False)
         self.to_v_ap = nn.Linear(token_dim, channels, bias=False)
         self.scorer = FusionScorer(channels, fusion_reduction, fusion_kernel)
         self.gate = nn.Parameter(torch.zeros(()))
+        if qk_norm_dim is None:
+            self.norm_q = self.norm_k = None
+        else:
+            self.norm_q = nn.RMSNorm(qk_norm_dim, eps=1e-6)
+            self.norm_k = nn.RMSNorm(qk_norm_dim, eps=1e-6)
+        self.fusion_slots = fusion_slots
+        self.before_to_out = injection == "before_to_out"
 
 
 @dataclass
@@ -113,7 +135,8 @@ def _layer_grid(boxes: torch.Tensor, mask: torch.Tensor, height: int, width: int
     foreground = masks.any(dim=1)
     union = foreground.sum(-1, keepdim=True).to(boxes.dtype)
     area = masks.sum(-1).to(boxes.dtype).clamp(min=1)
-    return LayerGrid(height, width, masks, torch.sigmoid(union / area), foreground)
+    ratio = torch.where(mask, union / area, torch.zeros_like(area))  # 0 on padding slots
+    return LayerGrid(height, width, masks, torch.sigmoid(ratio), foreground)
 
 
 class IFAdapterAttnProcessor:
@@ -174,12 +197,16 @@ class IFAdapterAttnProcessor:
             key = attn.norm_k(key)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
         out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        conditioning = self.source.active_conditioning()
+        ism = None
+        if conditioning is not None:
+            ism = self.instance_semantic_map(conditioning, query, attn.heads)
+        if ism is not None and self.layer.before_to_out:
+            out = out + ism
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
-
-        conditioning = self.source.active_conditioning()
-        if conditioning is not None:
-            out = out + self.instance_semantic_map(conditioning, query, attn.heads)
+        if ism is not None and not self.layer.before_to_out:
+            out = out + ism
 
         if input_ndim == 4:
             out = out.transpose(-1, -2).reshape(batch_size, channel, height, width)
@@ -202,21 +229,37 @@ class IFAdapterAttnProcessor:
         if instances == 0:
             return query.new_zeros(batch, cells, heads * head_dim)
         grid = conditioning.grid(cells)
+        layer = self.layer
 
         def split_heads(x: torch.Tensor) -> torch.Tensor:
             return x.view(batch, instances, tokens, heads, head_dim).transpose(2, 3)
 
+        keys = split_heads(keys)
+        if layer.norm_q is not None:
+            query, keys = layer.norm_q(query), layer.norm_k(keys)
         per_instance = F.scaled_dot_product_attention(
             query.unsqueeze(1).expand(-1, instances, -1, -1, -1),
-            split_heads(keys),
+            keys,
             split_heads(conditioning.values[self.name].to(query.dtype)),
         )  # (B, N, heads, HW, d)
         per_instance = per_instance.transpose(2, 3).reshape(
             batch, instances, cells, heads * head_dim
         )
-        fused = fuse_instances(
-            per_instance, grid.masks, grid.area_weight, self.layer.scorer, grid.height, grid.width
-        )
+        if layer.fusion_slots is None:
+            fused = fuse_instances(
+                per_instance, grid.masks, grid.area_weight, layer.scorer, grid.height, grid.width
+            )
+        else:
+            fused = fuse_instances_released(
+                per_instance,
+                grid.masks,
+                conditioning.mask,
+                grid.area_weight,
+                layer.scorer,
+                grid.height,
+                grid.width,
+                layer.fusion_slots,
+            )
         gate = torch.tanh(self.layer.gate).to(fused.dtype)
         return gate * grid.foreground.unsqueeze(-1).to(fused.dtype) * fused
 

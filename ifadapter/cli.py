@@ -76,6 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default="cuda" if _cuda() else "cpu")
     _generation_args(generate)
 
+    convert = commands.add_parser(
+        "convert-released",
+        help="convert the authors' released spd_adapter.bin into an adapter checkpoint",
+        description="Reads spd_adapter.bin with torch.load(weights_only=True) and writes "
+        "config.json + ifadapter.safetensors in the released-compatibility mode, which "
+        "reproduces the released inference code.",
+    )
+    convert.add_argument("weights", type=Path, help="the released spd_adapter.bin")
+    convert.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
+    convert.add_argument(
+        "--base",
+        help="SDXL pipeline directory (or hub id) whose UNet the weights are for; default: the "
+        "SDXL 1.0 architecture",
+    )
+
     from annotate.cli import add_parser as add_annotate_parser
 
     add_annotate_parser(commands)
@@ -158,6 +173,26 @@ def run_generate(args: argparse.Namespace) -> None:
     print(f"wrote {len(written)} images to {args.out}")
 
 
+def run_convert_released(args: argparse.Namespace) -> None:
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from ifadapter import tiny
+    from ifadapter.released import load_released_state, released_adapter
+
+    if not args.weights.is_file():
+        raise UsageError(f"{args.weights} does not exist")
+    if args.base is None:
+        config = tiny.unet_config("sdxl")
+    else:
+        config = UNet2DConditionModel.load_config(args.base, subfolder="unet")
+    with torch.device("meta"):  # only the processor order and layer widths are needed
+        unet = UNet2DConditionModel.from_config(config)
+    adapter = released_adapter(load_released_state(args.weights), unet)
+    adapter.save_pretrained(args.out)
+    print(f"wrote {len(adapter.config.layers)}-layer released-compatible adapter to {args.out}")
+
+
 def run_demo(args: argparse.Namespace) -> None:
     import torch
     from diffusers import StableDiffusionXLPipeline
@@ -225,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         "generate": run_generate,
         "annotate": run_annotate,
         "train": run_train,
+        "convert-released": run_convert_released,
     }
     try:
         runners[args.command](args)
