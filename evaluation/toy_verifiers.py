@@ -80,8 +80,7 @@ def colour_labels(image: Image.Image | np.ndarray) -> np.ndarray:
 def verify(image: Image.Image | np.ndarray, instance: ToyInstance) -> Verdict:
     """Does the box of ``instance`` show its colour, shape and texture?"""
     hsv = _hsv(image)
-    size = hsv.shape[0]
-    x0, y0, x1, y1 = box_pixels(instance.box, size)
+    x0, y0, x1, y1 = box_pixels(instance.box, hsv.shape[1], hsv.shape[0])
     labels = colour_labels(image)[y0:y1, x0:x1]
     wanted = list(COLOURS).index(instance.colour)
     mine = labels == wanted

@@ -103,6 +103,12 @@ class TrainConfig(_Strict):
     max_failures: int = Field(3, ge=-1, description="worker failures to recover from (-1: any)")
     log_every: int = Field(10, gt=0, description="steps between reports to Ray Train")
 
+    @field_validator("base", "data")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        """Workers run in other directories than the driver: a local path travels absolute."""
+        return str(Path(value).resolve()) if Path(value).exists() else value
+
     @field_validator("adapter")
     @classmethod
     def _known_adapter_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
