@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict
 from annotate.judge import Verdict
 
 if TYPE_CHECKING:
-    from evaluation.benchmark import BenchmarkLayout
+    from evaluation.benchmark import Benchmark, BenchmarkLayout
     from evaluation.config import GenerationConfig
 
 Kind = Literal["detector", "judge", "runner"]
@@ -143,9 +143,12 @@ class InstanceJudge(EvaluationBackend, ABC):
 class Runner(EvaluationBackend, ABC):
     """Makes (or fetches) one image per benchmark layout for a method."""
 
-    def __init__(self, settings: BaseModel, device: str, generation: GenerationConfig):
+    def __init__(
+        self, settings: BaseModel, device: str, generation: GenerationConfig, benchmark: Benchmark
+    ):
         super().__init__(settings, device)
         self.generation = generation
+        self.benchmark = benchmark
 
     @classmethod
     def model_paths(cls, settings: BaseModel) -> list[str | None]:
