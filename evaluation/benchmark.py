@@ -63,8 +63,7 @@ class BenchmarkLayout:
             "width": self.width,
             "height": self.height,
             "instances": [
-                {"box": list(i.box), "label": i.label, "caption": i.caption}
-                for i in self.instances
+                {"box": list(i.box), "label": i.label, "caption": i.caption} for i in self.instances
             ],
             "source": self.source,
         }

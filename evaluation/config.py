@@ -177,7 +177,10 @@ class EvaluateConfig(BaseModel):
     def _consistent(self) -> EvaluateConfig:
         if not self.methods:
             raise ValueError("methods: at least one method is needed")
-        for what, names in (("methods", [m.name for m in self.methods]), ("judges", [j.name for j in self.judges])):
+        for what, names in (
+            ("methods", [m.name for m in self.methods]),
+            ("judges", [j.name for j in self.judges]),
+        ):
             duplicates = sorted({n for n in names if names.count(n) > 1})
             if duplicates:
                 raise ValueError(f"{what}: duplicate names {duplicates}")

@@ -58,15 +58,19 @@ def match(
 
 def size_bucket(area: float, buckets: tuple[float, float]) -> str:
     """small below ``buckets[0]`` of the image's area, large from ``buckets[1]``."""
-    return SIZE_NAMES[0] if area < buckets[0] else SIZE_NAMES[1] if area < buckets[1] else SIZE_NAMES[2]
+    return (
+        SIZE_NAMES[0]
+        if area < buckets[0]
+        else SIZE_NAMES[1]
+        if area < buckets[1]
+        else SIZE_NAMES[2]
+    )
 
 
 def overlapping(layout: BenchmarkLayout, index: int) -> bool:
     """Whether instance ``index``'s box shares area with another instance's box."""
     box = layout.instances[index].box
-    return any(
-        iou(box, other.box) > 0 for k, other in enumerate(layout.instances) if k != index
-    )
+    return any(iou(box, other.box) > 0 for k, other in enumerate(layout.instances) if k != index)
 
 
 @dataclass
@@ -193,7 +197,12 @@ def average_precision(
 
     def pixels(box: Sequence[float], size: tuple[int, int]) -> list[float]:
         width, height = size
-        return [box[0] * width, box[1] * height, (box[2] - box[0]) * width, (box[3] - box[1]) * height]
+        return [
+            box[0] * width,
+            box[1] * height,
+            (box[2] - box[0]) * width,
+            (box[3] - box[1]) * height,
+        ]
 
     images, truth, found = [], [], []
     for image_id, (layout, size, image_detections) in enumerate(
@@ -293,7 +302,9 @@ class FidScorer:
         try:
             state = torch.load(inception, map_location="cpu", weights_only=True)
         except Exception as error:
-            raise ValueError(f"{inception} is not a tensors-only Inception state dict: {error}") from None
+            raise ValueError(
+                f"{inception} is not a tensors-only Inception state dict: {error}"
+            ) from None
         if not isinstance(state, dict) or "Conv2d_1a_3x3.conv.weight" not in state:
             raise ValueError(f"{inception} is not torch-fidelity's Inception-v3 state dict")
         self.device = device

@@ -1,4 +1,4 @@
-"""What the benchmark asks of a detector, a judge and a generation runner, and how a config names one.
+"""What the benchmark asks of a detector, a judge and a generation runner; how a config names one.
 
 Each is a class with a pydantic ``Settings`` model (its entry of the ``evaluate:`` section,
 validated when the profile loads) and a constructor that loads its models. A config names a
@@ -99,9 +99,9 @@ class EvaluationBackend:
         self.device = device
 
     @classmethod
-    def model_paths(cls, settings: BaseModel) -> list[str | None]:
+    def model_paths(cls, settings: BaseModel) -> list[str | Path | None]:
         """Local paths whose files decide the results (see ``weights_stamp``)."""
-        return [value for key, value in settings if key in {"model"} and isinstance(value, str)]
+        return [value for key, value in settings if key == "model" and isinstance(value, str)]
 
     @classmethod
     def fingerprint(cls, settings: BaseModel) -> dict:
@@ -151,9 +151,9 @@ class Runner(EvaluationBackend, ABC):
         self.benchmark = benchmark
 
     @classmethod
-    def model_paths(cls, settings: BaseModel) -> list[str | None]:
+    def model_paths(cls, settings: BaseModel) -> list[str | Path | None]:
         keys = {"base", "adapter", "lora", "model", "folder"}
-        return [value for key, value in settings if key in keys and isinstance(value, str)]
+        return [value for key, value in settings if key in keys and isinstance(value, (str, Path))]
 
     @abstractmethod
     def generate(

@@ -118,7 +118,10 @@ class IFAdapterRunner(DiffusionRunner):
         s = self.settings
         return self.pipe(
             [layout.caption for layout in layouts],
-            [[{"box": i.box, "caption": i.caption} for i in layout.instances] for layout in layouts],
+            [
+                [{"box": i.box, "caption": i.caption} for i in layout.instances]
+                for layout in layouts
+            ],
             control_ratio=s.control_ratio,
             num_inference_steps=s.steps,
             guidance_scale=s.guidance,
@@ -141,7 +144,11 @@ class SDXLRunner(DiffusionRunner):
     Settings = SDXLSettings
 
     def __init__(
-        self, settings: SDXLSettings, device: str, generation: GenerationConfig, benchmark: Benchmark
+        self,
+        settings: SDXLSettings,
+        device: str,
+        generation: GenerationConfig,
+        benchmark: Benchmark,
     ):
         from diffusers import StableDiffusionXLPipeline
 
@@ -166,7 +173,9 @@ class SDXLRunner(DiffusionRunner):
 class GLIGENSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: ModelRef  # a StableDiffusionGLIGENPipeline directory (e.g. gligen-1-4-generation-text-box)
+    model: (
+        ModelRef  # a StableDiffusionGLIGENPipeline directory (e.g. gligen-1-4-generation-text-box)
+    )
     steps: PositiveInt = 50
     guidance: NonNegativeFloat = 7.5
     scheduled_sampling_beta: float = Field(0.3, ge=0.0, le=1.0)
@@ -232,7 +241,11 @@ class FolderRunner(Runner):
     Settings = FolderSettings
 
     def __init__(
-        self, settings: FolderSettings, device: str, generation: GenerationConfig, benchmark: Benchmark
+        self,
+        settings: FolderSettings,
+        device: str,
+        generation: GenerationConfig,
+        benchmark: Benchmark,
     ):
         super().__init__(settings, device, generation, benchmark)
         if not settings.folder.is_dir():
@@ -250,13 +263,15 @@ class FolderRunner(Runner):
         if missing:
             raise ValueError(
                 f"{settings.folder} has no image for {len(missing)} of {len(benchmark.layouts)} "
-                f"layouts (first: {', '.join(missing[:3])}; expected <id>{'|'.join(IMAGE_SUFFIXES)})"
+                f"layouts (first: {', '.join(missing[:3])}; "
+                f"expected <id>{'|'.join(IMAGE_SUFFIXES)})"
             )
 
     def generate(
         self, layouts: Sequence[BenchmarkLayout], seeds: Sequence[int]
     ) -> list[Image.Image]:
-        return [_rgb(self.files[l.id].read_bytes(), str(self.files[l.id])) for l in layouts]
+        paths = [self.files[layout.id] for layout in layouts]
+        return [_rgb(path.read_bytes(), str(path)) for path in paths]
 
 
 class RealSettings(BaseModel):
@@ -271,7 +286,11 @@ class RealRunner(Runner):
     Settings = RealSettings
 
     def __init__(
-        self, settings: RealSettings, device: str, generation: GenerationConfig, benchmark: Benchmark
+        self,
+        settings: RealSettings,
+        device: str,
+        generation: GenerationConfig,
+        benchmark: Benchmark,
     ):
         super().__init__(settings, device, generation, benchmark)
         self.shards = Path(settings.shards or benchmark.source["shards"])
@@ -282,10 +301,12 @@ class RealRunner(Runner):
             path = self.shards / shard
             if not path.is_file():
                 raise ValueError(f"shard {path} of the benchmark's real images does not exist")
-            ids = [l.source["image_id"] for l in layouts if l.source["shard"] == shard]
+            ids = [x.source["image_id"] for x in layouts if x.source["shard"] == shard]
             table = pq.read_table(path, columns=["image_id", "image"])
             table = table.filter(pc.is_in(table["image_id"], value_set=pa.array(ids, pa.string())))
-            found.update(zip(table["image_id"].to_pylist(), table["image"].to_pylist(), strict=True))
+            found.update(
+                zip(table["image_id"].to_pylist(), table["image"].to_pylist(), strict=True)
+            )
         return found
 
     def generate(

@@ -16,7 +16,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionGLIGENPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    StableDiffusionGLIGENPipeline,
+    UNet2DConditionModel,
+)
 from torchvision.models import inception_v3
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
