@@ -184,5 +184,5 @@ def resolve(kind: Kind, name: str) -> type[EvaluationBackend]:
     except (ImportError, AttributeError) as error:
         raise ValueError(f"{kind} {name!r} cannot be imported: {error}") from None
     if not (isinstance(backend, type) and issubclass(backend, INTERFACES[kind])):
-        raise ValueError(f"{kind} {name!r} is not an {INTERFACES[kind].__name__}")
+        raise ValueError(f"{kind} {name!r} is not an evaluation {INTERFACES[kind].__name__}")
     return backend
