@@ -328,4 +328,6 @@ class FidScorer:
             raise ValueError("FID needs at least two reference images")
         value = float(self.metric.compute())
         self.metric.reset()  # keeps the reference statistics (reset_real_features=False)
-        return value
+        # The distance is >= 0; a set against itself comes out slightly negative where the
+        # covariances are rank-deficient (fewer images than 2048 features).
+        return max(0.0, value)
