@@ -254,3 +254,32 @@ def test_summary_table_and_markdown():
     assert row["IFS"] == 50.0 and row["IFS q"] == 50.0 and row["AP"] == 12.3 and row["FID"] is None
     text = markdown_table([row])
     assert text.splitlines()[0].startswith("| method | IFS | IFS q |") and "| m | 50.0 |" in text
+
+
+def test_profiles_evaluate_sections_load(tmp_path, monkeypatch):
+    """Both profiles' sections validate where their local files are (paths relative to the run
+    directory); sdxl.yaml names hub models, which validation accepts without downloading when
+    the hub is not switched off."""
+    from pathlib import Path
+
+    from evaluation.config import load_config
+
+    configs = Path(__file__).parent.parent / "configs"
+    for directory in (
+        "out/tiny-models/grounding-dino",
+        "out/tiny-models/qwen2-vl",
+        "out/tiny-models/clip",
+        "out/tiny/base",
+        "out/tiny-eval/gligen",
+    ):
+        (tmp_path / directory).mkdir(parents=True)
+    (tmp_path / "out/tiny-eval/inception.pth").write_bytes(b"")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models/pt_inception-2015-12-05-6726825d.pth").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    tiny = load_config(configs / "tiny.yaml")
+    assert [m.name for m in tiny.methods] == ["ifadapter", "sdxl", "gligen", "real"]
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    real_scale = load_config(configs / "sdxl.yaml")
+    assert real_scale.report.paper_table and real_scale.benchmark.count == 1000
+    assert [j.name for j in real_scale.judges] == ["qwen", "internvl"]
