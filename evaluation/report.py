@@ -83,6 +83,16 @@ def summary_table(metrics: Mapping) -> list[dict]:
     return rows
 
 
+def load_table(metrics_path: str | Path) -> tuple[list[dict], str]:
+    """The method table of a ``metrics.json`` as rows and as Markdown: what a flow publishes as
+    its artifact (``prefect.artifacts.create_table_artifact(rows)`` / ``create_markdown_artifact``).
+    """
+    import json
+
+    rows = summary_table(json.loads(Path(metrics_path).read_text()))
+    return rows, markdown_table(rows)
+
+
 def _cell(value: object) -> str:
     return "–" if value is None else str(value)
 

@@ -103,9 +103,9 @@ class IFAdapterRunner(DiffusionRunner):
         super().__init__(settings, device, generation, benchmark)
         if not (settings.adapter / "config.json").is_file():
             raise ValueError(f"{settings.adapter} is not an IFAdapter checkpoint (no config.json)")
-        adapter = IFAdapter.from_pretrained(settings.adapter).to(self.dtype)
+        adapter = IFAdapter.from_pretrained(settings.adapter, dtype=self.dtype)
         pipe = IFAdapterSDXLPipeline.from_pretrained(
-            settings.base, adapter=adapter, torch_dtype=self.dtype
+            settings.base, adapter=adapter, dtype=self.dtype
         )
         if settings.lora is not None:
             pipe.load_lora_weights(settings.lora, adapter_name="method")
@@ -153,7 +153,7 @@ class SDXLRunner(DiffusionRunner):
         from diffusers import StableDiffusionXLPipeline
 
         super().__init__(settings, device, generation, benchmark)
-        pipe = StableDiffusionXLPipeline.from_pretrained(settings.base, torch_dtype=self.dtype)
+        pipe = StableDiffusionXLPipeline.from_pretrained(settings.base, dtype=self.dtype)
         self.pipe = self._ready(pipe)
 
     def generate(
@@ -196,7 +196,7 @@ class GLIGENRunner(DiffusionRunner):
 
         super().__init__(settings, device, generation, benchmark)
         pipe = StableDiffusionGLIGENPipeline.from_pretrained(
-            settings.model, torch_dtype=self.dtype, safety_checker=None, feature_extractor=None
+            settings.model, dtype=self.dtype, safety_checker=None, feature_extractor=None
         )
         self.pipe = self._ready(pipe)
 

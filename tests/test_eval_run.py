@@ -46,7 +46,6 @@ def shards(tmp_path_factory):
 
 
 def profile(tmp_path, shards, base_dir, adapter_dir, models, tiny_models_root, judge: dict):
-    generated = tmp_path / "out" / "methods" / "ifadapter"
     return {
         "benchmark": {"file": str(tmp_path / "benchmark.json"), "shards": str(shards), "count": 4},
         "detector": {
@@ -79,7 +78,6 @@ def profile(tmp_path, shards, base_dir, adapter_dir, models, tiny_models_root, j
         "generation": {"seed": 0, "batch_size": 2, "height": 64, "width": 64},
         "report": {"paper_table": True, "gallery": 2},
         "threads": 1,
-        "_generated": str(generated),
     }
 
 
@@ -88,7 +86,6 @@ def test_evaluate_end_to_end_and_resume(
 ):
     judge = {"name": "qwen", "backend": "vlm_transformers", "model": str(tiny_vlm("qwen2_vl"))}
     data = profile(tmp_path, shards, base_dir, adapter_dir, eval_models, tiny_models_root, judge)
-    data.pop("_generated")
     output = tmp_path / "out"
     result = evaluate(parse_config(data), output)
 
@@ -145,12 +142,10 @@ def test_folder_runner_scores_like_the_method_that_made_the_images(
         data = profile(
             tmp_path, shards, base_dir, adapter_dir, eval_models, tiny_models_root, judge
         )
-        generated = data.pop("_generated")
         data["methods"] = data["methods"][:1]
         data["metrics"] = {"iou_threshold": 0.005}
         first = evaluate(parse_config(data), tmp_path / "out")
         [folder] = (tmp_path / "out" / "methods" / "ifadapter").glob("*/images")
-        assert str(folder).startswith(generated)
         data["methods"].append({"name": "copy", "runner": "images", "folder": str(folder)})
         second = evaluate(parse_config(data), tmp_path / "out")
     original, copy = second.metrics["methods"]["ifadapter"], second.metrics["methods"]["copy"]
@@ -179,3 +174,39 @@ def test_cli_evaluate_reports_bad_input_in_one_line(tmp_path, capsys):
     )
     assert main(["evaluate", "--config", str(config), "--output", str(tmp_path / "o")]) == 2
     assert "benchmark.shards is not set" in capsys.readouterr().err
+
+
+def test_ifadapter_runner_with_a_lora(tmp_path, base_dir, adapter_dir, shards, one_torch_thread):
+    """A LoRA on the base (saved as diffusers saves LoRAs) changes the images; scale 0 does not."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from evaluation.benchmark import build_benchmark
+    from evaluation.config import BenchmarkConfig, GenerationConfig
+    from evaluation.runners import IFAdapterRunner
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(base_dir)
+    torch.manual_seed(0)
+    pipe.unet.add_adapter(
+        LoraConfig(
+            r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False
+        )
+    )
+    StableDiffusionXLPipeline.save_lora_weights(
+        tmp_path / "lora",
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)),
+    )
+    benchmark = build_benchmark(BenchmarkConfig(file=tmp_path / "b.json", shards=shards, count=1))
+    generation = GenerationConfig(height=64, width=64)
+
+    def image(**lora):
+        settings = IFAdapterRunner.Settings(
+            base=str(base_dir), adapter=adapter_dir, steps=2, **lora
+        )
+        runner = IFAdapterRunner(settings, "cpu", generation, benchmark)
+        return torch.tensor(list(runner.generate(benchmark.layouts, [0])[0].getdata())).float()
+
+    plain = image()
+    assert (image(lora=str(tmp_path / "lora")) - plain).abs().mean() > 1
+    assert torch.equal(image(lora=str(tmp_path / "lora"), lora_scale=0.0), plain)
