@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,10 +56,18 @@ class EvaluationResult:
     table: list[dict]  # one row per method (``evaluation.report.summary_table``)
     markdown: str  # the same table as Markdown (a Prefect artifact's body)
     metrics: dict  # what metrics.json holds
+    timings: dict[str, float]  # seconds per stage of this call (model loading included)
 
 
 def _digest(data: object) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
 
 
 def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
@@ -264,10 +274,13 @@ def evaluate(
     output.mkdir(parents=True, exist_ok=True)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    benchmark = load_or_build(config.benchmark)
+    timings: dict[str, float] = {}
+    with _timed(timings, "benchmark"):
+        benchmark = load_or_build(config.benchmark)
     runs = [MethodRun(output, method, config, benchmark) for method in config.methods]
     for run in runs:
-        generate(run, config, benchmark, progress)
+        with _timed(timings, f"generate {run.method.name}"):
+            generate(run, config, benchmark, progress)
 
     methods: dict[str, dict] = {}
     for run in runs:
@@ -289,7 +302,8 @@ def evaluate(
         }
     records: dict[str, list[InstanceRecord]] = {}
     if config.detector is not None and (config.metrics.ifs or config.metrics.ap):
-        detections = detect(runs, config, benchmark, progress)
+        with _timed(timings, "detect"):
+            detections = detect(runs, config, benchmark, progress)
         for run in runs:
             name = run.method.name
             records[name] = [
@@ -303,11 +317,13 @@ def evaluate(
                 )
             ]
             if config.metrics.ap:
-                sizes = [run.image(layout).size for layout in benchmark.layouts]
-                found = [detections[name][layout.id] for layout in benchmark.layouts]
-                methods[name].update(average_precision(benchmark.layouts, sizes, found))
+                with _timed(timings, "ap"):
+                    sizes = [run.image(layout).size for layout in benchmark.layouts]
+                    found = [detections[name][layout.id] for layout in benchmark.layouts]
+                    methods[name].update(average_precision(benchmark.layouts, sizes, found))
         if config.metrics.ifs:
-            judge(runs, records, config, benchmark, progress)
+            with _timed(timings, "judge"):
+                judge(runs, records, config, benchmark, progress)
         judges = [entry.name for entry in config.judges] if config.metrics.ifs else []
         for run in runs:
             methods[run.method.name].update(ifs_summary(records[run.method.name], judges))
@@ -316,6 +332,7 @@ def evaluate(
             )
 
     if config.metrics.clip is not None:
+        clip_start = time.perf_counter()
         scorer = ClipScorer(config.metrics.clip.model, config.device)
         for run in runs:
             scores = []
@@ -324,8 +341,10 @@ def evaluate(
                 scores += scorer.scores(images, [layout.caption for layout in batch])
             methods[run.method.name]["clip_score"] = sum(scores) / len(scores)
         del scorer
+        timings["clip"] = time.perf_counter() - clip_start
 
     if config.metrics.fid is not None:
+        fid_start = time.perf_counter()
         fid = FidScorer(config.metrics.fid.inception, config.device)
         for images in _reference_images(config, benchmark):
             fid.add_reference(images)
@@ -334,6 +353,7 @@ def evaluate(
                 fid.add([run.image(layout) for layout in batch])
             methods[run.method.name]["fid"] = fid.compute()
         del fid
+        timings["fid"] = time.perf_counter() - fid_start
 
     metrics = {
         "benchmark": benchmark.summary(),

@@ -15,6 +15,7 @@ import yaml
 from diffusers import StableDiffusionXLPipeline
 
 from evaluation.config import parse_config
+from evaluation.report import load_table
 from evaluation.run import evaluate
 from ifadapter import IFAdapter, tiny
 from ifadapter.cli import main
@@ -118,6 +119,7 @@ def test_evaluate_end_to_end_and_resume(
     assert not re.search(r'src="(?!data:)', report)  # self-contained
     assert [row["method"] for row in result.table] == list(metrics["methods"])
     assert "| ifadapter |" in result.markdown
+    assert load_table(result.metrics_path) == (result.table, result.markdown)
 
     images = sorted((output / "methods").rglob("*.png"))
     stamps = {path: path.stat().st_mtime_ns for path in images}
