@@ -366,14 +366,15 @@ def evaluate(
     metrics_path = output / "metrics.json"
     metrics_path.write_text(json.dumps(metrics, indent=2, sort_keys=False))
     table = summary_table(metrics)
-    report_path = write_report(
-        output / "report.html",
-        metrics,
-        benchmark,
-        {run.method.name: run for run in runs},
-        records,
-        config.report,
-    )
+    with _timed(timings, "report"):
+        report_path = write_report(
+            output / "report.html",
+            metrics,
+            benchmark,
+            {run.method.name: run for run in runs},
+            records,
+            config.report,
+        )
     return EvaluationResult(
-        output, metrics_path, report_path, table, markdown_table(table), metrics
+        output, metrics_path, report_path, table, markdown_table(table), metrics, timings
     )
