@@ -290,14 +290,17 @@ def inception_batch(images: Iterable[Image.Image]) -> torch.Tensor:
 
 
 class FidScorer:
-    """FID of each method's images against one reference set, with the reference's statistics
-    computed once. The Inception weights are torch-fidelity's ``pt_inception-2015-12-05`` state
-    dict from a local file: nothing is downloaded. torch-fidelity reads the file with a full
-    unpickler, so it is first opened here with ``torch.load(weights_only=True)``: a file that
-    holds anything but tensors is refused before that."""
+    """FID: Fréchet distance of Inception-v3 pool features (2048-d) between two image sets.
+
+    The weights are torch-fidelity's ``pt_inception-2015-12-05`` state dict from a local file
+    (nothing is downloaded), run through torchmetrics' ``NoTrainInceptionV3``, and the distance
+    is torchmetrics' own. torch-fidelity reads the file with a full unpickler, so it is first
+    opened here with ``torch.load(weights_only=True)``: a file holding anything but tensors is
+    refused before that. Features are returned rather than accumulated so that the caller can
+    cache them (the Inception forward is most of the benchmark's cost on a CPU)."""
 
     def __init__(self, inception: Path, device: str):
-        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.fid import NoTrainInceptionV3
 
         try:
             state = torch.load(inception, map_location="cpu", weights_only=True)
@@ -308,26 +311,27 @@ class FidScorer:
         if not isinstance(state, dict) or "Conv2d_1a_3x3.conv.weight" not in state:
             raise ValueError(f"{inception} is not torch-fidelity's Inception-v3 state dict")
         self.device = device
-        self.metric = FrechetInceptionDistance(
-            feature=2048,
-            reset_real_features=False,
+        self.network = NoTrainInceptionV3(
+            name="inception-v3-compat",
+            features_list=["2048"],
             feature_extractor_weights_path=str(inception),
         ).to(device)
-        self.references = 0
 
-    def add_reference(self, images: Sequence[Image.Image]) -> None:
-        self.metric.update(inception_batch(images).to(self.device), real=True)
-        self.references += len(images)
+    @torch.inference_mode()
+    def features(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """(N, 2048) float64 pool features."""
+        return self.network(inception_batch(images).to(self.device)).double().cpu().numpy()
 
-    def add(self, images: Sequence[Image.Image]) -> None:
-        self.metric.update(inception_batch(images).to(self.device), real=False)
+    @staticmethod
+    def distance(reference: np.ndarray, features: np.ndarray) -> float:
+        """FID between two feature sets of at least two images each."""
+        from torchmetrics.image.fid import _compute_fid
 
-    def compute(self) -> float:
-        """The FID of the images added since the last call; at least two of each set."""
-        if self.references < 2:
-            raise ValueError("FID needs at least two reference images")
-        value = float(self.metric.compute())
-        self.metric.reset()  # keeps the reference statistics (reset_real_features=False)
+        if len(reference) < 2 or len(features) < 2:
+            raise ValueError("FID needs at least two images in each set")
+        mu1, mu2 = torch.from_numpy(reference.mean(0)), torch.from_numpy(features.mean(0))
+        sigma1 = torch.from_numpy(np.cov(reference, rowvar=False))
+        sigma2 = torch.from_numpy(np.cov(features, rowvar=False))
         # The distance is >= 0; a set against itself comes out slightly negative where the
         # covariances are rank-deficient (fewer images than 2048 features).
-        return max(0.0, value)
+        return max(0.0, float(_compute_fid(mu1, sigma1, mu2, sigma2)))

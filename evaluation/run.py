@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -41,7 +42,7 @@ from evaluation.metrics import (
     ifs_summary,
     instance_records,
 )
-from evaluation.protocols import Detection
+from evaluation.protocols import Detection, weights_stamp
 from evaluation.report import markdown_table, summary_table, write_report
 from evaluation.runners import image_name, layout_seed
 
@@ -257,6 +258,65 @@ def _reference_images(
         yield images
 
 
+def clip_scores(
+    runs: Sequence[MethodRun],
+    config: EvaluateConfig,
+    benchmark: Benchmark,
+    methods: dict[str, dict],
+) -> None:
+    """Mean CLIP score of every method's images against their global captions."""
+    assert config.metrics.clip is not None
+    scorer = ClipScorer(config.metrics.clip.model, config.device)
+    for run in runs:
+        scores = []
+        for batch in _batches(benchmark.layouts, config.metrics.clip.batch_size):
+            images = [run.image(layout) for layout in batch]
+            scores += scorer.scores(images, [layout.caption for layout in batch])
+        methods[run.method.name]["clip_score"] = sum(scores) / len(scores)
+
+
+def _cached_features(
+    path: Path, batches: Iterator[Sequence[Image.Image]], fid: FidScorer
+) -> np.ndarray:
+    """Inception features of ``batches``, read from ``path`` when an earlier run made them."""
+    if path.is_file():
+        return np.load(path)
+    features = np.concatenate([fid.features(images) for images in batches])
+    temporary = path.with_suffix(".tmp.npy")
+    np.save(temporary, features)
+    temporary.replace(path)
+    return features
+
+
+def fid_scores(
+    runs: Sequence[MethodRun],
+    config: EvaluateConfig,
+    benchmark: Benchmark,
+    output: Path,
+    methods: dict[str, dict],
+) -> None:
+    """FID of every method against the reference set; features cached per Inception file (and
+    per reference folder), so a rerun computes only what is new."""
+    assert config.metrics.fid is not None
+    fid_config = config.metrics.fid
+    weights = _digest(weights_stamp([fid_config.inception]))
+    reference = fid_config.reference
+    source = benchmark.sha256 if reference is None else weights_stamp([reference])
+    fid = FidScorer(fid_config.inception, config.device)
+    reference_features = _cached_features(
+        output / f"fid-reference-{_digest([weights, source])}.npy",
+        _reference_images(config, benchmark),
+        fid,
+    )
+    for run in runs:
+        batches = (
+            [run.image(layout) for layout in batch]
+            for batch in _batches(benchmark.layouts, fid_config.batch_size)
+        )
+        features = _cached_features(run.directory / f"fid-{weights}.npy", batches, fid)
+        methods[run.method.name]["fid"] = fid.distance(reference_features, features)
+
+
 def write_records(path: Path, records: Sequence[InstanceRecord]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
@@ -332,28 +392,12 @@ def evaluate(
             )
 
     if config.metrics.clip is not None:
-        clip_start = time.perf_counter()
-        scorer = ClipScorer(config.metrics.clip.model, config.device)
-        for run in runs:
-            scores = []
-            for batch in _batches(benchmark.layouts, config.metrics.clip.batch_size):
-                images = [run.image(layout) for layout in batch]
-                scores += scorer.scores(images, [layout.caption for layout in batch])
-            methods[run.method.name]["clip_score"] = sum(scores) / len(scores)
-        del scorer
-        timings["clip"] = time.perf_counter() - clip_start
+        with _timed(timings, "clip"):
+            clip_scores(runs, config, benchmark, methods)
 
     if config.metrics.fid is not None:
-        fid_start = time.perf_counter()
-        fid = FidScorer(config.metrics.fid.inception, config.device)
-        for images in _reference_images(config, benchmark):
-            fid.add_reference(images)
-        for run in runs:
-            for batch in _batches(benchmark.layouts, config.metrics.fid.batch_size):
-                fid.add([run.image(layout) for layout in batch])
-            methods[run.method.name]["fid"] = fid.compute()
-        del fid
-        timings["fid"] = time.perf_counter() - fid_start
+        with _timed(timings, "fid"):
+            fid_scores(runs, config, benchmark, output, methods)
 
     metrics = {
         "benchmark": benchmark.summary(),

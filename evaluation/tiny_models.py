@@ -110,7 +110,7 @@ def write_inception(path: str | Path, seed: int = 0) -> Path:
             module.momentum = None
     network.train()
     with torch.no_grad():
-        network(torch.rand(8, 3, 299, 299) * 2 - 1)
+        network(torch.rand(2, 3, 299, 299) * 2 - 1)
     network.eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

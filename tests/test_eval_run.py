@@ -121,12 +121,13 @@ def test_evaluate_end_to_end_and_resume(
     assert "| ifadapter |" in result.markdown
     assert load_table(result.metrics_path) == (result.table, result.markdown)
 
-    images = sorted((output / "methods").rglob("*.png"))
+    images = sorted([*(output / "methods").rglob("*.png"), *output.rglob("*.npy")])
+    assert len([path for path in images if path.suffix == ".npy"]) == 1 + 4  # FID features
     stamps = {path: path.stat().st_mtime_ns for path in images}
     logs = {path: path.stat().st_size for path in (output / "methods").rglob("*.jsonl")}
     again = evaluate(parse_config(data), output)
     assert again.metrics["methods"] == metrics["methods"]
-    assert {path: path.stat().st_mtime_ns for path in images} == stamps  # nothing regenerated
+    assert {path: path.stat().st_mtime_ns for path in images} == stamps  # nothing made again
     assert {p: p.stat().st_size for p in (output / "methods").rglob("*.jsonl")} == logs
 
 
