@@ -10,6 +10,8 @@ then each judge, CLIP, FID), so only one model is in memory at once. Everything 
 - ``detections-<fp>.jsonl`` and ``verdicts-<judge>-<fp>.jsonl`` beside them: per-image detections
   and per-instance verdicts, appended batch by batch and keyed by the detector's (and judge's)
   settings and weights, so a rerun asks only for what is missing;
+- ``fid-<fp>.npy`` beside them and ``fid-reference-<fp>.npy`` in the output: Inception features
+  per Inception file (and reference set), the benchmark's most expensive stage on a CPU;
 - ``records/<method>.parquet``: one row per instance (match, IoU, every judge's answer and reason);
 - ``metrics.json`` (the contract in ``evaluation.report``) and the self-contained ``report.html``.
 """
