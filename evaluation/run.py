@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,12 +278,13 @@ def clip_scores(
 
 
 def _cached_features(
-    path: Path, batches: Iterator[Sequence[Image.Image]], fid: FidScorer
+    path: Path, batches: Iterator[Sequence[Image.Image]], scorer: Callable[[], FidScorer]
 ) -> np.ndarray:
-    """Inception features of ``batches``, read from ``path`` when an earlier run made them."""
+    """Inception features of ``batches``, read from ``path`` when an earlier run made them
+    (then Inception is not even loaded)."""
     if path.is_file():
         return np.load(path)
-    features = np.concatenate([fid.features(images) for images in batches])
+    features = np.concatenate([scorer().features(images) for images in batches])
     temporary = path.with_suffix(".tmp.npy")
     np.save(temporary, features)
     temporary.replace(path)
@@ -298,25 +299,31 @@ def fid_scores(
     methods: dict[str, dict],
 ) -> None:
     """FID of every method against the reference set; features cached per Inception file (and
-    per reference folder), so a rerun computes only what is new."""
+    per reference set), so a rerun computes only what is new."""
     assert config.metrics.fid is not None
     fid_config = config.metrics.fid
     weights = _digest(weights_stamp([fid_config.inception]))
     reference = fid_config.reference
     source = benchmark.sha256 if reference is None else weights_stamp([reference])
-    fid = FidScorer(fid_config.inception, config.device)
+    loaded: list[FidScorer] = []
+
+    def scorer() -> FidScorer:
+        if not loaded:
+            loaded.append(FidScorer(fid_config.inception, config.device))
+        return loaded[0]
+
     reference_features = _cached_features(
         output / f"fid-reference-{_digest([weights, source])}.npy",
         _reference_images(config, benchmark),
-        fid,
+        scorer,
     )
     for run in runs:
         batches = (
             [run.image(layout) for layout in batch]
             for batch in _batches(benchmark.layouts, fid_config.batch_size)
         )
-        features = _cached_features(run.directory / f"fid-{weights}.npy", batches, fid)
-        methods[run.method.name]["fid"] = fid.distance(reference_features, features)
+        features = _cached_features(run.directory / f"fid-{weights}.npy", batches, scorer)
+        methods[run.method.name]["fid"] = FidScorer.distance(reference_features, features)
 
 
 def write_records(path: Path, records: Sequence[InstanceRecord]) -> None:
