@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     from training.cli import add_parser as add_train_parser
 
     add_train_parser(commands)
+
+    from evaluation.cli import add_parser as add_evaluate_parser
+
+    add_evaluate_parser(commands)
     return parser
 
 
@@ -253,6 +257,7 @@ def run_demo(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from annotate.cli import run as run_annotate
+    from evaluation.cli import run_evaluate
     from training.cli import run_train
 
     runners = {
@@ -260,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         "generate": run_generate,
         "annotate": run_annotate,
         "train": run_train,
+        "evaluate": run_evaluate,
         "convert-released": run_convert_released,
     }
     try:
