@@ -90,12 +90,15 @@ def classify_shape(mask: np.ndarray) -> str:
     height, width = region.shape
     ious = {}
     for shape in SHAPES:
-        template = _tight(shape_mask(shape, width, height))
+        template = shape_mask(shape, width, height)
+        if not template.any():  # a region a pixel or two across has no shape
+            continue
+        template = _tight(template)
         if template.shape != region.shape:
             image = Image.fromarray(template).resize((width, height), Image.NEAREST)
             template = np.asarray(image, dtype=bool)
         ious[shape] = (template & region).sum() / max((template | region).sum(), 1)
-    return max(ious, key=ious.get)
+    return max(ious, key=ious.get, default=SHAPES[0])
 
 
 def verify(image: Image.Image | np.ndarray, instance: ToyInstance) -> Verdict:
