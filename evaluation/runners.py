@@ -21,6 +21,7 @@ import io
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -85,6 +86,11 @@ class IFAdapterSettings(BaseModel):
     guidance: NonNegativeFloat = 7.5
     control_ratio: float = Field(1.0, ge=0.0, le=1.0)
     negative_prompt: str | None = None
+    # The instance token groups used (ifadapter.adapter.TOKEN_GROUPS); leaving one out is the
+    # inference-time ablation of Table 3 on one trained adapter.
+    token_groups: list[Literal["appearance", "eot"]] = Field(
+        default_factory=lambda: ["appearance", "eot"], min_length=1
+    )
 
 
 class IFAdapterRunner(DiffusionRunner):
@@ -123,6 +129,7 @@ class IFAdapterRunner(DiffusionRunner):
                 for layout in layouts
             ],
             control_ratio=s.control_ratio,
+            token_groups=s.token_groups,
             num_inference_steps=s.steps,
             guidance_scale=s.guidance,
             negative_prompt=[s.negative_prompt] * len(layouts) if s.negative_prompt else None,
