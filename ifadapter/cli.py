@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     from training.cli import add_parser as add_train_parser
 
     add_train_parser(commands)
+
+    from flows.cli import add_parser as add_pipeline_parser
+
+    add_pipeline_parser(commands)
     return parser
 
 
@@ -253,6 +257,7 @@ def run_demo(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from annotate.cli import run as run_annotate
+    from flows.cli import run as run_pipeline
     from training.cli import run_train
 
     runners = {
@@ -261,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         "annotate": run_annotate,
         "train": run_train,
         "convert-released": run_convert_released,
+        "pipeline": run_pipeline,
     }
     try:
         runners[args.command](args)
