@@ -18,6 +18,7 @@ demo): it checks the parameters first, then runs the flow against the Prefect AP
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ PIPELINE_FLOW = "ifadapter-pipeline"
 RETRIES = int(os.environ.get("IFADAPTER_TASK_RETRIES", "2"))
 BACKOFF_S = float(os.environ.get("IFADAPTER_RETRY_BACKOFF_S", "10"))
 # Faults a retry repeats identically: bad configs, inputs or datasets, missing files or code.
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 FINAL_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError, KeyError)
 
 
@@ -42,7 +44,13 @@ class StageFailed(RuntimeError):
     state message shows it)."""
 
     def __init__(self, stage: str, error: BaseException) -> None:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        # A Ray task's error wraps the worker's exception (``cause``) in a traceback dump.
+        while getattr(error, "cause", None) is not None and error.cause is not error:
+            error = error.cause
+        lines = [line.strip() for line in ANSI.sub("", str(error)).splitlines() if line.strip()]
+        # A Ray error that carries no cause ends its dump with the worker's exception line.
+        ray_dump = type(error).__module__.startswith("ray.")
+        reason = (lines[-1] if ray_dump else lines[0]) if lines else ""
         super().__init__(f"{stage} stage failed: {type(error).__name__}: {reason}")
         self.stage = stage
 

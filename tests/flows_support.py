@@ -41,7 +41,13 @@ def write_profile(
     annotate = profile["annotate"]
     annotate["tagger"]["model"] = str(models / "clip")
     annotate["detector"]["model"] = str(models / "grounding-dino")
-    annotate["decode"]["batch_size"] = rows_per_shard
+    # Batches of one shard at every stage: a stage holding a larger batch would keep finished
+    # partitions back until the rest arrive (the resume test kills the job between shards).
+    for stage in ("decode", "tagger", "detector", "captioner"):
+        annotate[stage]["batch_size"] = rows_per_shard
+    # The cache stage reads image bytes from the shards or from local/pyarrow paths: images
+    # fetched over HTTP must be embedded.
+    annotate["output"]["embed_images"] = True
     annotate["output"]["rows_per_shard"] = rows_per_shard
     profile["train"].update(
         {
@@ -105,7 +111,9 @@ def stop(process: subprocess.Popen, grace: float = 10.0) -> None:
 
 
 def tail(path: Path, lines: int = 40) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+    if not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def wait_http(url: str, timeout: float, process: subprocess.Popen, log: Path) -> None:
@@ -113,10 +121,12 @@ def wait_http(url: str, timeout: float, process: subprocess.Popen, log: Path) ->
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{process.args[:3]} exited {process.returncode}:\n{tail(log)}")
-        with contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError):
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
+        with (
+            contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError),
+            urllib.request.urlopen(url, timeout=2) as response,
+        ):
+            if response.status == 200:
+                return
         time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer in {timeout}s:\n{tail(log)}")
 
