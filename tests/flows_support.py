@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -116,17 +117,24 @@ def tail(path: Path, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def wait_http(url: str, timeout: float, process: subprocess.Popen, log: Path) -> None:
+def wait_http(
+    url: str, timeout: float, process: subprocess.Popen, log: Path, answers: tuple[int, ...] = ()
+) -> None:
+    """Until ``url`` answers 200 (or one of ``answers``: Ray's dashboard says 401 to a request
+    without its cluster token, and that is an answer)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{process.args[:3]} exited {process.returncode}:\n{tail(log)}")
-        with (
-            contextlib.suppress(urllib.error.URLError, ConnectionError, TimeoutError),
-            urllib.request.urlopen(url, timeout=2) as response,
-        ):
-            if response.status == 200:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except urllib.error.HTTPError as error:
+            if error.code in answers:
                 return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
         time.sleep(0.5)
     raise TimeoutError(f"{url} did not answer in {timeout}s:\n{tail(log)}")
 
@@ -171,7 +179,7 @@ def prefect_server(home: Path) -> Iterator[tuple[str, dict[str, str]]]:
 
 
 @contextlib.contextmanager
-def ray_head(directory: Path) -> Iterator[dict[str, str]]:
+def ray_head(directory: Path) -> Iterator[dict]:
     """``ray start --head --block`` with the dashboard (job submission) on free ports; yields
     the GCS address and the dashboard URL. ``--block`` keeps the head in this process group,
     so ending the group ends this head only (``ray stop`` would end every Ray on the machine).
@@ -181,6 +189,9 @@ def ray_head(directory: Path) -> Iterator[dict[str, str]]:
     log = directory / "ray-head.log"
     directory.mkdir(parents=True, exist_ok=True)
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")
+    # Ray 2.60 guards the cluster with a token; this head gets its own (not ~/.ray/auth_token),
+    # and every client of it gets the same environment.
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     head = start(
         [
             str(BIN / "ray"),
@@ -198,12 +209,12 @@ def ray_head(directory: Path) -> Iterator[dict[str, str]]:
             "--disable-usage-stats",
         ],
         log,
-        flow_env(),
+        flow_env(**auth),
     )
     url = f"http://127.0.0.1:{dashboard}"
     try:
-        wait_http(f"{url}/api/version", 120, head, log)
-        yield {"address": f"127.0.0.1:{gcs}", "dashboard": url, "log": str(log)}
+        wait_http(f"{url}/api/version", 120, head, log, answers=(401,))
+        yield {"address": f"127.0.0.1:{gcs}", "dashboard": url, "log": str(log), "env": auth}
     finally:
         stop(head, grace=20)
         shutil.rmtree(temp_dir, ignore_errors=True)
