@@ -91,8 +91,15 @@ class PipelineParams(BaseModel):
             raise ValueError(f"config {self.config} has no {', '.join(missing)}: section")
         if "annotate" in self.chosen(present) and not self.input:
             raise ValueError("the annotate stage needs an input")
-        if "annotate" in self.chosen(present) and self.shards:
-            raise ValueError("shards names an existing dataset: leave it out to annotate")
+        chosen = self.chosen(present)
+        if self.shards and ("annotate" in chosen or self.input):
+            raise ValueError(
+                "shards names an existing dataset to train on: give it, or an input to annotate"
+            )
+        if "annotate" not in chosen and {"cache", "train"} & set(chosen):
+            manifest = self.shards_dir / "_manifest.json"
+            if not manifest.is_file():
+                raise ValueError(f"{self.shards_dir} is not a shard dataset (no {manifest.name})")
         self._present = present
         return self
 
