@@ -29,6 +29,7 @@ from prefect.tasks import exponential_backoff
 
 from flows import stages
 from flows.params import PipelineParams, check_params
+from flows.ray_jobs import is_job_address, run_stage_job
 from flows.ray_session import ray_scope
 
 PIPELINE_FLOW = "ifadapter-pipeline"
@@ -66,6 +67,14 @@ def transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
+def _call(stage: str, ray_address: str | None, **arguments: Any) -> dict[str, Any]:
+    """The stage in this process (joining ``ray_address`` or a local Ray), or, for a job
+    server address (``http://head:8265``), as a Ray job on the cluster (``flows.ray_jobs``)."""
+    if is_job_address(ray_address):
+        return run_stage_job(ray_address, stage, arguments)
+    return getattr(stages, f"{stage}_stage")(**arguments, ray_address=ray_address)
+
+
 def _stage_task(name: str):
     return task(
         name=name,
@@ -82,13 +91,15 @@ def annotate_task(
     config: str, input: str, shards: str, records: str, ray_address: str | None
 ) -> dict[str, Any]:
     """Annotates ``input`` into the shard dataset ``shards`` (Ray Data job)."""
-    return stages.annotate_stage(config, input, shards, records, ray_address)
+    return _call(
+        "annotate", ray_address, profile=config, input=input, output=shards, records=records
+    )
 
 
 @_stage_task("cache")
 def cache_task(config: str, shards: str, train_dir: str, ray_address: str | None) -> dict:
     """Caches latents and text-encoder outputs of ``shards`` (Ray Data job)."""
-    return stages.cache_stage(config, shards, train_dir, ray_address)
+    return _call("cache", ray_address, profile=config, shards=shards, output=train_dir)
 
 
 @_stage_task("train")
@@ -101,7 +112,15 @@ def train_task(
     ray_address: str | None,
 ) -> dict[str, Any]:
     """Trains the adapter on the cache (Ray Train job)."""
-    return stages.train_stage(config, shards, train_dir, records, cache_key, ray_address)
+    return _call(
+        "train",
+        ray_address,
+        profile=config,
+        shards=shards,
+        output=train_dir,
+        records=records,
+        cache_key=cache_key,
+    )
 
 
 @_stage_task("evaluate")
@@ -115,7 +134,16 @@ def evaluate_task(
     ray_address: str | None,
 ) -> dict[str, Any]:
     """Runs the IFG benchmark on the trained adapter."""
-    return stages.evaluate_stage(config, adapter, base, eval_dir, records, methods, ray_address)
+    return _call(
+        "evaluate",
+        ray_address,
+        profile=config,
+        adapter=adapter,
+        base=base,
+        output=eval_dir,
+        records=records,
+        methods=methods,
+    )
 
 
 # ------------------------------------------------------------------------------ artifacts

@@ -18,8 +18,9 @@ from contextlib import contextmanager
 logger = logging.getLogger(__name__)
 
 # Addresses ``ray.init`` joins: "auto" (the cluster this machine belongs to), a GCS "host:port",
-# or a Ray Client "ray://host:port" (for a driver outside the cluster).
-ADDRESS = re.compile(r"^(auto|ray://[^\s:/]+:\d+|[^\s:/]+:\d+)$")
+# a Ray Client "ray://host:port"; or a job server "http(s)://host:port", to which each stage is
+# submitted as a Ray job (``flows.ray_jobs``).
+ADDRESS = re.compile(r"^(auto|(ray|https?)://[^\s:/]+:\d+|[^\s:/]+:\d+)$")
 
 
 def check_address(address: str | None) -> str | None:
@@ -28,8 +29,8 @@ def check_address(address: str | None) -> str | None:
         return None
     if not ADDRESS.match(address):
         raise ValueError(
-            f"ray_address {address!r} is not 'auto', 'host:port' or 'ray://host:port' "
-            "(leave it empty for a local Ray)"
+            f"ray_address {address!r} is not 'auto', 'host:port', 'ray://host:port' or a job "
+            "server 'http://host:port' (leave it empty for a local Ray)"
         )
     return address
 
@@ -44,6 +45,8 @@ def connect(address: str | None) -> None:
     if ray.is_initialized():
         return
     address = check_address(address)
+    if address is not None and address.startswith(("http://", "https://")):
+        raise ValueError(f"{address} is a job server: submit the stage as a Ray job instead")
     if address is None:
         cpus = os.environ.get("IFADAPTER_RAY_CPUS")
         logger.info("starting a local Ray (%s CPUs)", cpus or "all")

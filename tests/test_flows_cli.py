@@ -25,8 +25,8 @@ BASE = ["--config", str(TINY_PROFILE), "--output", "o", "--input", "i"]
             "has no evaluate: section",
         ),
         (
-            [*BASE, "--ray-address", "http://head:8265"],
-            "is not 'auto', 'host:port' or 'ray://host:port'",
+            [*BASE, "--ray-address", "ftp://head:8265"],
+            "is not 'auto', 'host:port', 'ray://host:port' or a job server",
         ),
         (
             [*BASE, "--methods", "a,a"],

@@ -107,3 +107,42 @@ def test_pipeline_joins_a_running_cluster(head, inputs, tmp_path):
         if job.type == "DRIVER" and job.status == "SUCCEEDED"
     ]
     assert any("ifadapter.cli pipeline" in (job.entrypoint or "") for job in drivers), drivers
+
+
+def test_pipeline_submits_stages_as_ray_jobs(head, inputs, tmp_path):
+    """``--ray-address http://head:8265``: each stage goes to the cluster as a Ray job (what a
+    Prefect worker outside the cluster does); a rerun's skip happens inside the job."""
+    from ray.job_submission import JobSubmissionClient
+
+    images, profile = inputs
+    output = tmp_path / "pipeline"
+    command = [
+        str(BIN / "python"),
+        "-m",
+        "ifadapter.cli",
+        "pipeline",
+        f"--config={profile}",
+        f"--input={images}",
+        f"--output={output}",
+        f"--ray-address={head['dashboard']}",
+        "--stages=annotate",
+    ]
+    env = flow_env(PREFECT_HOME=str(tmp_path / "prefect-home"), **head["env"])
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads(result.stdout.split("annotate: ", 1)[1].splitlines()[0])
+    assert summary["inputs"] == 6 and not summary["skipped"] and summary["ray_job"]
+    assert Manifest.read(output / "shards").inputs == 6
+    client = JobSubmissionClient(
+        head["dashboard"], headers={"Authorization": f"Bearer {head['env']['RAY_AUTH_TOKEN']}"}
+    )
+    info = client.get_job_info(summary["ray_job"])
+    assert info.status == "SUCCEEDED" and info.metadata["ifadapter_stage"] == "annotate"
+
+    # A stage that fails in its job fails the flow with the stage and the job's reason.
+    failing = [*command[:5], f"--input={tmp_path / 'no-such-folder'}", *command[6:]]
+    bad = subprocess.run(failing, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1
+    reason = next(x for x in bad.stderr.splitlines() if x.startswith("ifadapter pipeline:"))
+    assert reason.startswith("ifadapter pipeline: annotate stage failed: ValueError: SourceError")
+    assert "no-such-folder" in reason and "Ray job" in reason
