@@ -72,7 +72,17 @@ def _call(stage: str, ray_address: str | None, **arguments: Any) -> dict[str, An
     server address (``http://head:8265``), as a Ray job on the cluster (``flows.ray_jobs``)."""
     if is_job_address(ray_address):
         return run_stage_job(ray_address, stage, arguments)
-    return getattr(stages, f"{stage}_stage")(**arguments, ray_address=ray_address)
+    try:
+        return getattr(stages, f"{stage}_stage")(**arguments, ray_address=ray_address)
+    except FINAL_ERRORS:
+        raise
+    except Exception as error:
+        # A retry after a lost head or raylet needs a new connection, not the dead one.
+        import ray
+
+        if isinstance(error, ray.exceptions.RayError | ConnectionError):
+            ray.shutdown()
+        raise
 
 
 def _stage_task(name: str):
