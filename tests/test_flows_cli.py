@@ -89,3 +89,17 @@ def test_flow_names_and_failures_name_the_stage():
     assert str(pipeline.StageFailed("train", OSError("disk full\nmore"))) == (
         "train stage failed: OSError: disk full"
     )
+
+
+def test_retries_only_what_a_retry_can_cure():
+    import ray
+    from prefect.states import Failed
+
+    from annotate.sources import SourceError
+    from flows.pipeline import transient
+    from training.config import ConfigError
+
+    for final in (ValueError("x"), SourceError("x"), ConfigError("x"), FileNotFoundError("x")):
+        assert not transient(None, None, Failed(data=final))
+    for passing in (ConnectionError("x"), ray.exceptions.RaySystemError("x"), OSError("x")):
+        assert transient(None, None, Failed(data=passing))

@@ -167,6 +167,11 @@ def test_killed_pipeline_resumes_without_redoing_finished_work(
     assert all(r["skipped"] for r in again.values()), again
     assert again["train"]["adapter"] == trained["adapter"]
     assert server.fetched == []
+    # The one-stage flows read and write the same layout, so they agree.
+    from flows.pipeline import annotate_flow, train_flow
+
+    assert annotate_flow(str(profile), str(listing), str(output))["skipped"]
+    assert train_flow(str(profile), str(output))["adapter"] == trained["adapter"]
 
     # 4. A changed output (an edited shard) reruns from there: that shard's inputs only are
     # annotated again. The engine is deterministic, so the shard comes back byte for byte and
