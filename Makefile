@@ -34,3 +34,4 @@ bench: $(STAMP)
 	$(VENV)/bin/python -m benchmarks.adapter_step
 	$(VENV)/bin/python -m benchmarks.annotate_engine
 	$(VENV)/bin/python -m benchmarks.caption_requests
+	$(VENV)/bin/python -m benchmarks.evaluation_throughput

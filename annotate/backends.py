@@ -35,17 +35,20 @@ BUILTIN: dict[str, dict[str, str]] = {
         "clip": "annotate.clip_tagger:ClipTagger",
         "ram_plus": "annotate.ram_tagger:RamTagger",  # RAM++ or RAM, from the checkpoint
         "ram": "annotate.ram_tagger:RamTagger",
+        "oracle": "annotate.oracle:OracleTagger",  # the toy world's ground truth
     },
     "detector": {
         "grounding_dino": "annotate.grounding_dino:GroundingDinoDetector",
         # the original code for original .pth weights; runs in .venv-gdino (transformers < 5)
         "groundingdino_py": "annotate.groundingdino_py:GroundingDinoPyDetector",
+        "oracle": "annotate.oracle:OracleDetector",
     },
     "captioner": {
         "template": "annotate.captioners:TemplateCaptioner",
         "transformers_vlm": "annotate.vlm_captioners:TransformersVLMCaptioner",
         "openai_http": "annotate.vlm_captioners:HTTPVLMCaptioner",
         "ray_vllm": "annotate.ray_vllm:RayVLLMCaptioner",
+        "oracle": "annotate.oracle:OracleCaptioner",
     },
 }
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from annotate.backends import Detector
@@ -178,16 +179,20 @@ class GroundingDinoDetector(Detector):
         ].sigmoid().float().cpu(), outputs.pred_boxes.float().cpu()
 
     def detect(self, records: Sequence[Record]) -> list[list[Detection]]:
+        return self.detect_tags([record.rgb() for record in records], [r.tags for r in records])
+
+    def detect_tags(
+        self, images: Sequence[Image.Image], tag_lists: Sequence[Sequence[str]]
+    ) -> list[list[Detection]]:
+        """Instances per image, prompted by that image's own tags (the engine passes a record's
+        tags; the benchmark passes the labels of a layout's instances), after selection."""
         jobs = [
             (index, chunk)
-            for index, record in enumerate(records)
-            for chunk in chunk_tags(
-                record.tags, [self.token_count(t) for t in record.tags], self.max_tokens
-            )
+            for index, tags in enumerate(tag_lists)
+            for chunk in chunk_tags(tags, [self.token_count(t) for t in tags], self.max_tokens)
         ]
-        found: list[list[Detection]] = [[] for _ in records]
-        images = {index: records[index].rgb() for index in {index for index, _ in jobs}}
-        step = max(1, len(records))
+        found: list[list[Detection]] = [[] for _ in images]
+        step = max(1, len(images))
         for start in range(0, len(jobs), step):
             batch = jobs[start : start + step]
             results = self._run([images[i] for i, _ in batch], [tags for _, tags in batch])

@@ -46,6 +46,17 @@ class ToyInstance:
         return f"{article} {self.colour} {self.texture} {self.shape}"
 
 
+def parse_description(text: str) -> tuple[str, str, str]:
+    """(shape, colour, texture) of an instance description as ``ToyInstance.caption`` writes it
+    ("a red striped circle"); ``ValueError`` for anything else."""
+    words = text.strip().lower().split()
+    if len(words) == 4 and words[0] in ("a", "an"):
+        _, colour, texture, shape = words
+        if colour in COLOURS and texture in TEXTURES and shape in SHAPES:
+            return shape, colour, texture
+    raise ValueError(f"{text!r} is not a toy-world description (a COLOUR TEXTURE SHAPE)")
+
+
 @dataclass(frozen=True)
 class ToyScene:
     instances: tuple[ToyInstance, ...]
@@ -131,8 +142,13 @@ def pale(colour: tuple[int, int, int], amount: float = 0.75) -> tuple[int, int, 
     return tuple(round(c + (255 - c) * amount) for c in colour)
 
 
-def box_pixels(box: tuple[float, ...], size: int) -> tuple[int, int, int, int]:
-    x0, y0, x1, y1 = (round(v * size) for v in box)
+def box_pixels(
+    box: tuple[float, ...], width: int, height: int | None = None
+) -> tuple[int, int, int, int]:
+    """Pixel bounds of a normalised box; never empty."""
+    height = width if height is None else height
+    x0, x1 = round(box[0] * width), round(box[2] * width)
+    y0, y1 = round(box[1] * height), round(box[3] * height)
     return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
 
 
@@ -152,6 +168,11 @@ def render(scene: ToyScene, size: int = 64) -> Image.Image:
     return Image.fromarray(image)
 
 
+def scene(seed: int, index: int, **sampling: float) -> ToyScene:
+    """Scene ``index`` of the world named by ``seed``, on its own (a source reads one at a time)."""
+    return sample_scene(random.Random(f"{seed}-{index}"), **sampling)
+
+
 def scenes(seed: int, count: int, **sampling: float) -> list[ToyScene]:
     """``count`` scenes of the world named by ``seed``; scene i is the same for any count."""
-    return [sample_scene(random.Random(f"{seed}-{index}"), **sampling) for index in range(count)]
+    return [scene(seed, index, **sampling) for index in range(count)]

@@ -77,11 +77,34 @@ def colour_labels(image: Image.Image | np.ndarray) -> np.ndarray:
     return np.where(hsv[..., 1] > COLOURED, labels, -1)
 
 
+def _tight(mask: np.ndarray) -> np.ndarray:
+    rows, cols = np.nonzero(mask)
+    return mask[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+
+
+def classify_shape(mask: np.ndarray) -> str:
+    """The shape whose template, fitted to the mask's own extent, overlaps it best. Fitting to
+    the extent (not to the box) makes the answer the same for a layout box and for a tight
+    detection crop: the judge sees the latter."""
+    region = _tight(mask)
+    height, width = region.shape
+    ious = {}
+    for shape in SHAPES:
+        template = shape_mask(shape, width, height)
+        if not template.any():  # a region a pixel or two across has no shape
+            continue
+        template = _tight(template)
+        if template.shape != region.shape:
+            image = Image.fromarray(template).resize((width, height), Image.NEAREST)
+            template = np.asarray(image, dtype=bool)
+        ious[shape] = (template & region).sum() / max((template | region).sum(), 1)
+    return max(ious, key=ious.get, default=SHAPES[0])
+
+
 def verify(image: Image.Image | np.ndarray, instance: ToyInstance) -> Verdict:
     """Does the box of ``instance`` show its colour, shape and texture?"""
     hsv = _hsv(image)
-    size = hsv.shape[0]
-    x0, y0, x1, y1 = box_pixels(instance.box, size)
+    x0, y0, x1, y1 = box_pixels(instance.box, hsv.shape[1], hsv.shape[0])
     labels = colour_labels(image)[y0:y1, x0:x1]
     wanted = list(COLOURS).index(instance.colour)
     mine = labels == wanted
@@ -89,11 +112,7 @@ def verify(image: Image.Image | np.ndarray, instance: ToyInstance) -> Verdict:
     colour_ok = bool(coloured.any()) and mine.sum() >= 0.4 * coloured.sum() and mine.mean() > 0.05
     if not mine.any():
         return Verdict(colour_ok, False, False, None, None)
-    ious = {}
-    for shape in SHAPES:
-        template = shape_mask(shape, x1 - x0, y1 - y0)
-        ious[shape] = (template & mine).sum() / max((template | mine).sum(), 1)
-    predicted_shape = max(ious, key=ious.get)
+    predicted_shape = classify_shape(mine)
     strong = (hsv[y0:y1, x0:x1, 1] > STRONG) & mine
     share = strong.sum() / mine.sum()
     predicted_texture = min(TEXTURES, key=lambda t: abs(TEXTURE_SHARE[t] - share))

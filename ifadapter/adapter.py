@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -41,6 +41,8 @@ WEIGHTS_NAME = "ifadapter.safetensors"
 
 # Released configuration: the first four transformer blocks of the mid block and of each
 # attention of up_blocks.0, i.e. 16 cross-attention layers at the lowest resolution on SDXL.
+TOKEN_GROUPS = ("appearance", "eot")  # an instance's tokens: resampled words, its EoT token
+
 DEFAULT_LAYER_PATTERNS = (
     "mid_block.attentions.0.transformer_blocks.[0-3].attn2",
     "up_blocks.0.attentions.*.transformer_blocks.[0-3].attn2",
@@ -191,14 +193,22 @@ class IFAdapter(ModelMixin, ConfigMixin):
     # ----------------------------------------------------------------- conditioning
 
     def instance_tokens(
-        self, features: InstanceFeatures, keep_local: torch.Tensor | None = None
+        self,
+        features: InstanceFeatures,
+        keep_local: torch.Tensor | None = None,
+        token_groups: Collection[str] = TOKEN_GROUPS,
     ) -> torch.Tensor:
         """Appearance tokens + EoT token + box embedding per instance: (B, N, S, D).
 
         ``keep_local`` (B,) holds 1 to keep and 0 to drop the descriptions of each layout: 0
         gives the unconditional branch of guidance (and the training dropout), which keeps the
         box embedding (``dropped_description`` says what else). Padding slots stay exactly zero.
+        A group of ``TOKEN_GROUPS`` left out of ``token_groups`` is dropped the same way for every
+        instance: the inference-time ablation of one token group.
         """
+        unknown = set(token_groups) - set(TOKEN_GROUPS)
+        if unknown:
+            raise ValueError(f"unknown token groups {sorted(unknown)}; known: {TOKEN_GROUPS}")
         features = features.to(self.device, self.dtype)
         mask = features.mask
         words, word_mask = features.words[mask], features.word_mask[mask]  # (M, k, T, D), (M, T)
@@ -206,9 +216,15 @@ class IFAdapter(ModelMixin, ConfigMixin):
         keep = None  # (M, 1, 1)
         if keep_local is not None:
             keep = keep_local.to(self.dtype)[:, None].expand_as(mask)[mask][:, None, None]
+        groups = {}
+        for group in TOKEN_GROUPS:
+            groups[group] = keep
+            if group not in token_groups:
+                groups[group] = words.new_zeros(count, 1, 1)
         dropped = self.config.dropped_description
         parts = []
         if self.resampler is not None:
+            keep = groups["appearance"]
             if keep is not None and dropped == "empty":  # no word of a dropped description
                 word_mask = word_mask & (keep[:, 0] > 0)
             appearance = self.resampler(
@@ -219,6 +235,7 @@ class IFAdapter(ModelMixin, ConfigMixin):
                 appearance = appearance * keep
             parts.append(appearance)
         if self.config.eot_token:
+            keep = groups["eot"]
             eot = features.eot[mask].unsqueeze(1)
             parts.append(eot if keep is None else eot * keep)
         tokens = torch.cat(parts, dim=1)

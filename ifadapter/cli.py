@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     from flows.cli import add_parser as add_pipeline_parser
 
     add_pipeline_parser(commands)
+
+    from evaluation.cli import add_parser as add_evaluate_parser
+
+    add_evaluate_parser(commands)
     return parser
 
 
@@ -257,6 +261,7 @@ def run_demo(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from annotate.cli import run as run_annotate
+    from evaluation.cli import run_evaluate
     from flows.cli import run as run_pipeline
     from training.cli import run_train
 
@@ -265,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         "generate": run_generate,
         "annotate": run_annotate,
         "train": run_train,
+        "evaluate": run_evaluate,
         "convert-released": run_convert_released,
         "pipeline": run_pipeline,
     }

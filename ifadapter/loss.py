@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,9 @@ def condition_dropout(
     return keep_local, keep_global
 
 
+TimestepSampling = Literal["uniform", "cubic"]
+
+
 def _draws(
     shape: torch.Size,
     num_timesteps: int,
@@ -61,13 +65,22 @@ def _draws(
     generator: torch.Generator | None,
     device: torch.device,
     dtype: torch.dtype,
+    sampling: TimestepSampling = "uniform",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Noise, timesteps and keep flags of a batch, in this order from ``generator``."""
+    """Noise, timesteps and keep flags of a batch, in this order from ``generator``.
+
+    ``cubic`` draws t = (1 - u^3) T (T2I-Adapter, Mou et al. 2023): layout is decided in the
+    noisy early steps of sampling, where the epsilon loss is small and a uniform draw spends
+    most of a short run's updates elsewhere."""
     gen_device = generator.device if generator is not None else "cpu"
     noise = torch.randn(shape, generator=generator, device=gen_device).to(device, dtype)
-    timesteps = torch.randint(
-        0, num_timesteps, (shape[0],), generator=generator, device=gen_device
-    ).to(device)
+    if sampling == "cubic":
+        u = torch.rand(shape[0], generator=generator, device=gen_device)
+        timesteps = ((1 - u**3) * num_timesteps).long().clamp(0, num_timesteps - 1).to(device)
+    else:
+        timesteps = torch.randint(
+            0, num_timesteps, (shape[0],), generator=generator, device=gen_device
+        ).to(device)
     keep_local, keep_global = condition_dropout(
         shape[0], drop_local, drop_global, generator, device
     )
@@ -82,6 +95,7 @@ def diffusion_loss(
     drop_local: float = 0.15,
     drop_global: float = 0.30,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    timestep_sampling: TimestepSampling = "uniform",
 ) -> torch.Tensor:
     """Mean squared error of the adapted UNet's prediction (epsilon or v, as the scheduler says).
 
@@ -95,7 +109,16 @@ def diffusion_loss(
     num_timesteps = noise_scheduler.config.num_train_timesteps
 
     def draws(shape, g):
-        return _draws(shape, num_timesteps, drop_local, drop_global, g, device, latents.dtype)
+        return _draws(
+            shape,
+            num_timesteps,
+            drop_local,
+            drop_global,
+            g,
+            device,
+            latents.dtype,
+            timestep_sampling,
+        )
 
     if isinstance(generator, Sequence):
         if len(generator) != size:

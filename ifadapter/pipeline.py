@@ -11,14 +11,14 @@ the adapter off after the ``control_ratio`` fraction of the steps.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 from diffusers import StableDiffusionXLPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
 
-from ifadapter.adapter import IFAdapter
+from ifadapter.adapter import TOKEN_GROUPS, IFAdapter
 from ifadapter.attention_processor import InstanceConditioning
 from ifadapter.layout import Instance, Layout, LayoutTensors
 from ifadapter.text import encode_instances
@@ -92,6 +92,7 @@ class IFAdapterSDXLPipeline(StableDiffusionXLPipeline):
         latent_size: tuple[int, int],
         num_images_per_prompt: int,
         guidance: bool,
+        token_groups: Collection[str] = TOKEN_GROUPS,
     ) -> InstanceConditioning:
         """The conditioning of a whole generation, in the UNet batch order of the stock pipeline:
         [unconditional, conditional] when guiding, each prompt repeated per image."""
@@ -103,11 +104,13 @@ class IFAdapterSDXLPipeline(StableDiffusionXLPipeline):
             self.adapter.config.text_encoder_layers,
         ).to(self.adapter.device, self.adapter.dtype)
         features = features.repeat_interleave(num_images_per_prompt)
-        tokens = self.adapter.instance_tokens(features)
+        tokens = self.adapter.instance_tokens(features, token_groups=token_groups)
         boxes, mask = features.boxes, features.mask
         if guidance:
             unconditional = self.adapter.instance_tokens(
-                features, keep_local=torch.zeros(features.batch_size, device=self.adapter.device)
+                features,
+                keep_local=torch.zeros(features.batch_size, device=self.adapter.device),
+                token_groups=token_groups,
             )
             tokens = torch.cat([unconditional, tokens])
             boxes, mask = torch.cat([boxes, boxes]), torch.cat([mask, mask])
@@ -120,6 +123,7 @@ class IFAdapterSDXLPipeline(StableDiffusionXLPipeline):
         instances: list[Instance | dict] | list[list[Instance | dict]] | None = None,
         *,
         control_ratio: float = 1.0,
+        token_groups: Collection[str] = TOKEN_GROUPS,
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 30,
@@ -133,8 +137,9 @@ class IFAdapterSDXLPipeline(StableDiffusionXLPipeline):
 
         ``control_ratio`` is the fraction of denoising steps during which the adapter acts (1.0:
         all of them; lower values leave the late, detail-forming steps to the base model, which
-        helps stylised community checkpoints and LoRAs). Other arguments are the stock SDXL
-        pipeline's.
+        helps stylised community checkpoints and LoRAs). ``token_groups`` leaves a group of each
+        instance's tokens out (the inference-time ablation, see ``IFAdapter.instance_tokens``).
+        Other arguments are the stock SDXL pipeline's.
         """
         if prompt is None:
             raise ValueError(
@@ -156,6 +161,7 @@ class IFAdapterSDXLPipeline(StableDiffusionXLPipeline):
                 (height // self.vae_scale_factor, width // self.vae_scale_factor),
                 num_images_per_prompt,
                 guidance,
+                token_groups,
             )
 
         tensor_inputs = callback_on_step_end_tensor_inputs

@@ -186,3 +186,31 @@ def test_draw_layout_marks_boxes():
     image = Image.new("RGB", (64, 64), "white")
     drawn = np.asarray(draw_layout(image, TWO, labels=False))
     assert (drawn[0, 0] != 255).any() and (drawn[40, 10] == 255).all()
+
+
+def test_token_groups_drop_one_group_to_its_box_embedding(make_pipeline):
+    from ifadapter.layout import LayoutTensors
+    from ifadapter.text import encode_instances
+
+    pipe = make_pipeline(gate=1.0)
+    adapter = pipe.adapter
+    features = encode_instances(
+        [pipe.tokenizer, pipe.tokenizer_2],
+        [pipe.text_encoder, pipe.text_encoder_2],
+        LayoutTensors.from_layouts(pipe.layouts(TWO.caption, TWO.instances)),
+        adapter.config.text_encoder_layers,
+    )
+    full = adapter.instance_tokens(features)
+    dropped = adapter.instance_tokens(features, keep_local=torch.zeros(1))
+    no_appearance = adapter.instance_tokens(features, token_groups=["eot"])
+    no_eot = adapter.instance_tokens(features, token_groups=["appearance"])
+    assert torch.equal(no_appearance[..., :-1, :], dropped[..., :-1, :])
+    assert torch.equal(no_appearance[..., -1:, :], full[..., -1:, :])
+    assert torch.equal(no_eot[..., :-1, :], full[..., :-1, :])
+    assert torch.equal(no_eot[..., -1:, :], dropped[..., -1:, :])
+    images = [
+        generate(pipe, token_groups=g) for g in (["appearance", "eot"], ["eot"], ["appearance"])
+    ]
+    assert not np.array_equal(images[0], images[1]) and not np.array_equal(images[0], images[2])
+    with pytest.raises(ValueError, match="unknown token groups"):
+        generate(pipe, token_groups=["words"])

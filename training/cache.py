@@ -395,6 +395,14 @@ def build_cache(config: TrainConfig, progress: bool = False) -> CacheInfo:
     try:
         if not ray.is_initialized():
             ray.init()
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if not config.use_gpu and config.cache_actors >= cpus:
+            # Each encoder actor holds a CPU for its lifetime; with none left, the read tasks
+            # that feed them never start and the job waits forever.
+            raise ValueError(
+                f"cache_actors {config.cache_actors} would hold all {cpus:g} CPUs of the Ray "
+                "cluster and leave none to read the shards; use fewer actors than CPUs"
+            )
         shards = ray.data.read_parquet(dataset.paths).select_columns(READ_COLUMNS)
         views = shards.map_batches(
             prepare_views,

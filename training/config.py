@@ -89,6 +89,15 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(1e-2, ge=0)
     warmup_steps: int = Field(0, ge=0, description="linear warm-up to lr, then constant")
     max_grad_norm: float = Field(1.0, gt=0)
+    gate_lr_scale: float = Field(
+        1.0,
+        gt=0,
+        description="lr multiplier of the zero-initialised tanh gates (no weight decay on them): "
+        "Adam moves a parameter about lr per step, so short runs open the gates too slowly",
+    )
+    timestep_sampling: Literal["uniform", "cubic"] = Field(
+        "uniform", description="cubic favours noisy timesteps, where layout is decided"
+    )
     drop_local: float = Field(0.15, ge=0, le=1, description="CFG dropout of instance conditions")
     drop_global: float = Field(0.30, ge=0, le=1, description="CFG dropout of the caption")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the adapter, or none")
@@ -102,6 +111,12 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(2, gt=0)
     max_failures: int = Field(3, ge=-1, description="worker failures to recover from (-1: any)")
     log_every: int = Field(10, gt=0, description="steps between reports to Ray Train")
+
+    @field_validator("base", "data")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        """Workers run in other directories than the driver: a local path travels absolute."""
+        return str(Path(value).resolve()) if Path(value).exists() else value
 
     @field_validator("adapter")
     @classmethod

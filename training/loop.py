@@ -127,8 +127,18 @@ class AdapterTrainer:
         self.unet.to(device)
         self.adapter.to(device)
         self.model: nn.Module = self.adapter
+        gates = {id(p) for n, p in self.adapter.named_parameters() if n.endswith(".gate")}
         self.optimizer = torch.optim.AdamW(
-            parameters, lr=config.lr, weight_decay=config.weight_decay
+            [
+                {"params": [p for p in parameters if id(p) not in gates]},
+                {
+                    "params": [p for p in parameters if id(p) in gates],
+                    "lr": config.lr * config.gate_lr_scale,
+                    "weight_decay": 0.0,
+                },
+            ],
+            lr=config.lr,
+            weight_decay=config.weight_decay,
         )
         warmup = config.warmup_steps
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -170,6 +180,7 @@ class AdapterTrainer:
                         config.drop_local,
                         config.drop_global,
                         self.plan.generators(step, positions),
+                        config.timestep_sampling,
                     )
                 (loss / accumulation).backward()
             total += loss.detach() / accumulation

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ifadapter.adapter import IFAdapter
 from training.cache import CacheInfo, build_cache
 from training.config import ConfigError, TrainConfig, load_train_config
 from training.loop import ADAPTER_DIR, RUN_FILE, check_cache, new_adapter, train_worker
@@ -52,10 +53,9 @@ def check_resumable(config: TrainConfig) -> None:
         )
 
 
-def preflight(config: TrainConfig, cache: CacheInfo) -> None:
-    """Finds on the driver, with a one-line error, what would otherwise fail in every worker:
-    adapter settings that do not fit the UNet (built on the meta device, no weights loaded), a
-    cache that does not fit the adapter, no aspect bucket large enough for the global batch."""
+def meta_adapter(config: TrainConfig) -> IFAdapter:
+    """The adapter ``config`` describes, on the meta device (no weights loaded): building it
+    checks the adapter settings against the UNet before any caching starts."""
     import torch
     from diffusers import UNet2DConditionModel
 
@@ -63,7 +63,13 @@ def preflight(config: TrainConfig, cache: CacheInfo) -> None:
         unet = UNet2DConditionModel.from_config(
             UNet2DConditionModel.load_config(config.base, subfolder="unet")
         )
-        check_cache(new_adapter(unet, config), cache)
+        return new_adapter(unet, config)
+
+
+def preflight(config: TrainConfig, cache: CacheInfo, adapter: IFAdapter) -> None:
+    """Finds on the driver, with a one-line error, what would otherwise fail in every worker: a
+    cache that does not fit the adapter, no aspect bucket large enough for the global batch."""
+    check_cache(adapter, cache)
     BatchPlan(CachedSamples(cache.path).image_buckets, config.global_batch_size, config.seed)
 
 
@@ -117,10 +123,11 @@ def train(config: TrainConfig | str | Path, progress: bool = False) -> TrainResu
     if not isinstance(config, TrainConfig):
         config = load_train_config(config)
     check_resumable(config)
+    adapter = meta_adapter(config)
     if not ray.is_initialized():
         ray.init()
     cache = build_cache(config, progress)
-    preflight(config, cache)
+    preflight(config, cache, adapter)
     if cache.quarantined:
         logger.warning(
             "%d of %d images quarantined (reasons in %s)",

@@ -1,0 +1,313 @@
+"""The benchmark's outputs a person reads: the method table, and ``report.html``.
+
+``metrics.json`` (the contract other stages read)::
+
+    {"benchmark": {"file", "sha256", "count", "instances", "rules"},
+     "judges": {NAME: {backend and settings}},
+     "methods": {NAME: {"ifs_rate", "ifs_by_judge": {JUDGE: rate}, "placement", "ap", "ap50",
+                        "ap75", "clip_score", "fid", "ifs_by_count": {"1": rate, ...},
+                        "ifs_by_size": {"small", "medium", "large"},
+                        "ifs_overlap": {"overlapping", "separate"},
+                        "images", "instances", "unparsable"}}}
+
+Rates and AP are fractions; a metric switched off (or without instances to measure) is null.
+``summary_table`` / ``markdown_table`` give the table as rows and as Markdown (what a Prefect
+artifact shows; this package never imports Prefect). ``report.html`` is self-contained: plots are
+inline SVG and images PNG data URIs.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from PIL import Image, ImageDraw
+
+from evaluation.config import ReportConfig
+from ifadapter.layout import Instance, Layout
+from ifadapter.visualize import PALETTE, draw_layout
+
+if TYPE_CHECKING:
+    from evaluation.benchmark import Benchmark
+    from evaluation.metrics import InstanceRecord
+    from evaluation.run import MethodRun
+
+# DESIGN.md section 2: the paper's Table 1 (IFS Qwen/InternVL/CogVLM in %, AP, CLIP, FID).
+PAPER_TABLE1: list[dict] = [
+    {"method": m, "IFS Qwen": q, "IFS InternVL": i, "IFS CogVLM": c, "AP": a, "CLIP": s, "FID": f}
+    for m, q, i, c, a, s, f in (
+        ("IFAdapter", 79.7, 68.6, 61.0, 49.0, 25.1, 22.0),
+        ("InstanceDiffusion", 69.6, 49.7, 38.2, 43.1, 23.3, 26.8),
+        ("MIGC", 62.8, 40.7, 27.5, 32.5, 22.9, 26.0),
+        ("MultiDiffusion", 58.1, 47.0, 34.2, 36.9, 22.8, 28.3),
+        ("GLIGEN", 44.8, 25.8, 17.5, 18.4, 23.5, 29.7),
+        ("DenseDiffusion", 38.7, 26.0, 19.7, 22.2, 20.1, 29.9),
+        ("real images", 92.8, 82.2, 69.9, 75.3, None, None),
+    )
+]
+MIN_SIDE = 192  # gallery images are enlarged (nearest) to at least this side
+
+
+def _percent(value: float | None) -> float | None:
+    return None if value is None else round(100 * value, 1)
+
+
+def _round(value: float | None, digits: int = 2) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def summary_table(metrics: Mapping) -> list[dict]:
+    """One row per method: IFS overall and per judge, placement and AP in %, CLIP, FID."""
+    rows = []
+    for name, m in metrics["methods"].items():
+        row = {"method": name, "IFS": _percent(m["ifs_rate"])}
+        row.update({f"IFS {j}": _percent(v) for j, v in m["ifs_by_judge"].items()})
+        row.update(
+            {
+                "placement": _percent(m["placement"]),
+                "AP": _percent(m["ap"]),
+                "AP50": _percent(m["ap50"]),
+                "AP75": _percent(m["ap75"]),
+                "CLIP": _round(m["clip_score"]),
+                "FID": _round(m["fid"]),
+                "images": m["images"],
+                "instances": m["instances"],
+                "unparsable": m["unparsable"],
+            }
+        )
+        rows.append(row)
+    return rows
+
+
+def load_table(metrics_path: str | Path) -> tuple[list[dict], str]:
+    """The method table of a ``metrics.json`` as rows and as Markdown: what a flow publishes as
+    its artifact (``prefect.artifacts.create_table_artifact(rows)`` / ``create_markdown_artifact``).
+    """
+    import json
+
+    rows = summary_table(json.loads(Path(metrics_path).read_text()))
+    return rows, markdown_table(rows)
+
+
+def _cell(value: object) -> str:
+    return "–" if value is None else str(value)
+
+
+def markdown_table(rows: Sequence[Mapping]) -> str:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _html_table(rows: Sequence[Mapping], caption: str) -> str:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_cell(row.get(c)))}</td>" for c in columns) + "</tr>"
+        for row in rows
+    )
+    return f"<table><caption>{caption}</caption><tr>{head}</tr>{body}</table>"
+
+
+def bar_chart(
+    title: str, groups: Sequence[str], series: Mapping[str, Sequence[float | None]]
+) -> str:
+    """Inline SVG: for each group one bar per series (values in [0, 1], shown in %)."""
+    width, height, left, bottom, top = 560, 220, 40, 30, 24
+    plot_w, plot_h = width - left - 10, height - bottom - top
+    slot = plot_w / max(1, len(groups))
+    bar = slot * 0.8 / max(1, len(series))
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" '
+        f'height="{height + 20 * len(series)}" '
+        'font-family="sans-serif" font-size="11">',
+        f'<text x="{left}" y="14" font-size="13">{html.escape(title)}</text>',
+    ]
+    for tick in (0, 25, 50, 75, 100):
+        y = top + plot_h * (1 - tick / 100)
+        parts.append(f'<line x1="{left}" x2="{width - 10}" y1="{y}" y2="{y}" stroke="#ddd"/>')
+        parts.append(f'<text x="{left - 4}" y="{y + 4}" text-anchor="end">{tick}%</text>')
+    for g, group in enumerate(groups):
+        x0 = left + g * slot + slot * 0.1
+        for s, (name, values) in enumerate(series.items()):
+            value = values[g]
+            if value is None:
+                continue
+            h = plot_h * value
+            x = x0 + s * bar
+            parts.append(
+                f'<rect x="{x:.1f}" y="{top + plot_h - h:.1f}" width="{bar * 0.9:.1f}" '
+                f'height="{h:.1f}" fill="{PALETTE[s % len(PALETTE)]}">'
+                f"<title>{html.escape(name)}: {100 * value:.1f}%</title></rect>"
+            )
+        parts.append(
+            f'<text x="{left + g * slot + slot / 2:.1f}" y="{top + plot_h + 14}" '
+            f'text-anchor="middle">{html.escape(group)}</text>'
+        )
+    for s, name in enumerate(series):
+        y = height + 20 * s
+        parts.append(
+            f'<rect x="{left}" y="{y - 9}" width="10" height="10" '
+            f'fill="{PALETTE[s % len(PALETTE)]}"/>'
+            f'<text x="{left + 14}" y="{y}">{html.escape(name)}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _breakdown(metrics: Mapping, key: str) -> tuple[list[str], dict[str, list[float | None]]]:
+    methods = metrics["methods"]
+    groups = list(dict.fromkeys(g for m in methods.values() for g in m[key]))
+    if key == "ifs_by_count":
+        groups.sort(key=int)
+    return groups, {name: [m[key].get(g) for g in groups] for name, m in methods.items()}
+
+
+def data_uri(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def annotated(image: Image.Image, layout: Layout, failed: Sequence[int]) -> Image.Image:
+    """The image enlarged for viewing, boxes drawn, each failed instance crossed out."""
+    scale = max(1, -(-MIN_SIDE // min(image.size)))
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    canvas = draw_layout(image, layout, labels=False)
+    draw = ImageDraw.Draw(canvas)
+    for index in failed:
+        x0, y0, x1, y1 = layout.instances[index].box
+        w, h = canvas.size
+        corners = (x0 * w, y0 * h, x1 * w - 1, y1 * h - 1)
+        draw.line(corners, fill="#ff0000", width=3)
+        draw.line((corners[0], corners[3], corners[2], corners[1]), fill="#ff0000", width=3)
+    return canvas
+
+
+def _failure_text(record: InstanceRecord) -> str:
+    if record.matched_box is None:
+        return "not detected"
+    if not record.placed:
+        return f"misplaced (IoU {record.iou:.2f})"
+    said = []
+    for judge, (answer, reason) in sorted(record.verdicts.items()):
+        if answer is True:
+            continue
+        said.append(f"{judge}: " + ("no" if answer is False else f"unparsable ({reason})"))
+    return "; ".join(said)
+
+
+def _gallery(
+    benchmark: Benchmark,
+    runs: Mapping[str, MethodRun],
+    records: Mapping[str, Sequence[InstanceRecord]],
+    count: int,
+) -> str:
+    by_method = {
+        name: {(r.layout_id, r.index): r for r in method_records}
+        for name, method_records in records.items()
+    }
+    judged = any(r.verdicts for rs in records.values() for r in rs)
+    rows = []
+    for layout in benchmark.layouts[:count]:
+        drawn = Layout(layout.caption, [Instance(i.box, i.caption) for i in layout.instances])
+        legend = "".join(
+            f'<li style="color:{PALETTE[k % len(PALETTE)]}">{html.escape(i.caption)} '
+            f"<small>[{html.escape(i.label)}]</small></li>"
+            for k, i in enumerate(layout.instances)
+        )
+        cells = []
+        for name, run in runs.items():
+            failed, notes = [], []
+            for k in range(len(layout.instances)):
+                record = by_method.get(name, {}).get((layout.id, k))
+                if record is None:
+                    continue
+                text = _failure_text(record) if (judged or not record.placed) else ""
+                if text:
+                    failed.append(k)
+                    notes.append(f"<li>#{k + 1}: {html.escape(text)}</li>")
+            image = annotated(run.image(layout), drawn, failed)
+            cells.append(
+                f'<figure><img src="{data_uri(image)}" alt="{html.escape(name)}">'
+                f"<figcaption><b>{html.escape(name)}</b><ul>{''.join(notes)}</ul></figcaption>"
+                "</figure>"
+            )
+        rows.append(
+            f'<section class="layout"><h3>{html.escape(layout.id)}</h3>'
+            f"<p>{html.escape(layout.caption)}</p><ol>{legend}</ol>"
+            f'<div class="row">{"".join(cells)}</div></section>'
+        )
+    return "".join(rows)
+
+
+STYLE = """
+body{font-family:sans-serif;margin:2em;max-width:1200px}
+table{border-collapse:collapse;margin:1em 0}
+td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
+caption{text-align:left;font-weight:bold;padding:4px 0}
+.row{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;max-width:260px}
+figure ul{padding-left:1.2em;margin:2px 0;color:#b00;font-size:12px}
+.layout{border-top:1px solid #ddd;margin-top:1em}.reported{color:#555}
+"""
+
+
+def write_report(
+    path: Path,
+    metrics: Mapping,
+    benchmark: Benchmark,
+    runs: Mapping[str, MethodRun],
+    records: Mapping[str, Sequence[InstanceRecord]],
+    config: ReportConfig,
+) -> Path:
+    """``report.html``: the table, the breakdown plots and the gallery, in one file."""
+    summary = metrics["benchmark"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>IFG benchmark</title>"
+        f"<style>{STYLE}</style></head><body><h1>IFG benchmark</h1>",
+        f"<p>Benchmark <code>{html.escape(summary['file'])}</code> (sha256 "
+        f"<code>{summary['sha256'][:16]}</code>): {summary['count']} layouts, "
+        f"{summary['instances']} instances. IFS, placement and AP in %; CLIP score 100·cos; "
+        "FID against the reference set. Judges: "
+        f"{html.escape(', '.join(metrics['judges']) or 'none')}.</p>",
+        _html_table(summary_table(metrics), "Measured on this benchmark"),
+    ]
+    if config.paper_table:
+        parts.append(
+            '<div class="reported">'
+            + _html_table(
+                PAPER_TABLE1,
+                "Reported in the paper (arXiv 2409.08240, Table 1), not measured here: "
+                "IFS per judge (Qwen-VL, InternVL, CogVLM) in %, AP, CLIP, FID",
+            )
+            + "</div>"
+        )
+    if any(m["ifs_by_count"] for m in metrics["methods"].values()):
+        parts.append(
+            bar_chart(
+                "IFS by number of instances in the layout", *_breakdown(metrics, "ifs_by_count")
+            )
+        )
+        parts.append(
+            bar_chart(
+                "IFS by box size (share of the image's area)", *_breakdown(metrics, "ifs_by_size")
+            )
+        )
+        parts.append(
+            bar_chart("IFS of overlapping and separate boxes", *_breakdown(metrics, "ifs_overlap"))
+        )
+    if config.gallery:
+        parts.append(
+            "<h2>Gallery</h2><p>Layout boxes drawn over each method's image; a crossed box is an "
+            "instance that failed, with why (not detected, misplaced, or each judge's answer).</p>"
+        )
+        parts.append(_gallery(benchmark, runs, records, config.gallery))
+    parts.append("</body></html>")
+    path.write_text("".join(parts))
+    return path
