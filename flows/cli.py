@@ -37,6 +37,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("--methods", help="comma-separated methods to evaluate (default: profile)")
     parser.add_argument("--shards", help="an existing shard dataset to train on (no annotate)")
+    parser.add_argument(
+        "--benchmark-input",
+        help="inputs to annotate into the benchmark's layouts (default: the evaluate: section's "
+        "benchmark files)",
+    )
     parser.set_defaults(runner=run)
     return parser
 
@@ -58,6 +63,7 @@ def run(args: argparse.Namespace) -> None:
         "methods": _split(args.methods),
         "stages": _split(args.stages),
         "shards": args.shards,
+        "benchmark_input": args.benchmark_input,
     }
     check_params(**values)  # before Prefect starts: a bad call costs nothing
 

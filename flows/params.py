@@ -44,6 +44,11 @@ class PipelineParams(BaseModel):
         None, description="stages to run, in DAG order (default: every stage the profile has)"
     )
     shards: str | None = Field(None, description="shard dataset to train on (default: shards/)")
+    benchmark_input: str | None = Field(
+        None,
+        description="layouts to annotate into the benchmark (benchmark-shards/, benchmark.json) "
+        "instead of the evaluate: section's own benchmark files",
+    )
     _present: set[str] = PrivateAttr(default_factory=set)  # the profile's sections
 
     @field_validator("ray_address")
@@ -89,6 +94,8 @@ class PipelineParams(BaseModel):
         missing = sorted({SECTIONS[s] for s in self.chosen(present)} - present)
         if missing:
             raise ValueError(f"config {self.config} has no {', '.join(missing)}: section")
+        if self.benchmark_input and "evaluate" not in self.chosen(present):
+            raise ValueError("benchmark_input is for the evaluate stage, which is not chosen")
         if "annotate" in self.chosen(present) and not self.input:
             raise ValueError("the annotate stage needs an input")
         chosen = self.chosen(present)
@@ -128,6 +135,14 @@ class PipelineParams(BaseModel):
     @property
     def eval_dir(self) -> Path:
         return self.out / "eval"
+
+    @property
+    def benchmark_shards(self) -> Path:
+        return self.out / "benchmark-shards"
+
+    @property
+    def benchmark_file(self) -> Path:
+        return self.out / "benchmark.json"
 
 
 def check_params(**values: object) -> PipelineParams:

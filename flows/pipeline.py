@@ -67,7 +67,7 @@ def transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def _call(stage: str, ray_address: str | None, **arguments: Any) -> dict[str, Any]:
+def _call(stage: str, ray_address: str | None, /, **arguments: Any) -> dict[str, Any]:
     """The stage in this process (joining ``ray_address`` or a local Ray), or, for a job
     server address (``http://head:8265``), as a Ray job on the cluster (``flows.ray_jobs``)."""
     if is_job_address(ray_address):
@@ -133,26 +133,44 @@ def train_task(
     )
 
 
+@_stage_task("annotate-benchmark")
+def annotate_benchmark_task(
+    config: str, input: str, shards: str, records: str, ray_address: str | None
+) -> dict[str, Any]:
+    """Annotates the benchmark's layouts (held-out inputs) into their own shard dataset."""
+    return _call(
+        "annotate",
+        ray_address,
+        profile=config,
+        input=input,
+        output=shards,
+        records=records,
+        stage="annotate-benchmark",
+    )
+
+
 @_stage_task("evaluate")
 def evaluate_task(
     config: str,
     adapter: str,
-    base: str,
     eval_dir: str,
     records: str,
     methods: list[str] | None,
     ray_address: str | None,
+    benchmark_shards: str | None = None,
+    benchmark_file: str | None = None,
 ) -> dict[str, Any]:
-    """Runs the IFG benchmark on the trained adapter."""
+    """Runs the IFG benchmark on the trained adapter (and the profile's other methods)."""
     return _call(
         "evaluate",
         ray_address,
         profile=config,
         adapter=adapter,
-        base=base,
         output=eval_dir,
         records=records,
         methods=methods,
+        benchmark_shards=benchmark_shards,
+        benchmark_file=benchmark_file,
     )
 
 
@@ -179,12 +197,14 @@ def publish_evaluation(result: dict[str, Any]) -> None:
 def publish_summary(params: PipelineParams, results: dict[str, dict[str, Any]]) -> None:
     """One markdown table: what each stage did (ran or skipped), where its output is, counts."""
     locations = {"annotate": "output", "cache": "path", "train": "adapter", "evaluate": "output"}
+    locations["annotate-benchmark"] = "output"
     counts = {
         "annotate": ("inputs", "processed", "rows", "quarantined"),
         "cache": ("images", "views", "quarantined"),
         "train": ("steps", "loss", "resumed_from"),
-        "evaluate": (),
+        "evaluate": ("methods",),
     }
+    counts["annotate-benchmark"] = counts["annotate"]
     lines = [
         f"# IFAdapter pipeline: `{params.output}`",
         "",
@@ -256,11 +276,14 @@ def run_stages(params: PipelineParams) -> dict[str, dict[str, Any]]:
                 params.ray_address,
             )
         if "evaluate" in chosen:
-            results["evaluate"] = _run_evaluate(params, results.get("train"))
+            results.update(_run_evaluate(params, results.get("train")))
     return results
 
 
-def _run_evaluate(params: PipelineParams, trained: dict[str, Any] | None) -> dict[str, Any]:
+def _run_evaluate(
+    params: PipelineParams, trained: dict[str, Any] | None
+) -> dict[str, dict[str, Any]]:
+    """The benchmark's annotation when asked for, then the evaluation and its artifacts."""
     if trained is None:
         # Evaluation alone: the adapter of the latest train stage recorded under this output.
         from flows.records import StageRecord
@@ -271,20 +294,35 @@ def _run_evaluate(params: PipelineParams, trained: dict[str, Any] | None) -> dic
                 "evaluate", ValueError(f"{params.output} holds no trained adapter: run train")
             )
         trained = record.summary
-    base = stages.train_config(params.config, str(params.shards_dir), str(params.train_dir)).base
-    result = _run(
+    results: dict[str, dict[str, Any]] = {}
+    benchmark: dict[str, str] = {}
+    if params.benchmark_input:
+        results["annotate-benchmark"] = _run(
+            "annotate-benchmark",
+            annotate_benchmark_task,
+            params.config,
+            params.benchmark_input,
+            str(params.benchmark_shards),
+            str(params.out),
+            params.ray_address,
+        )
+        benchmark = {
+            "benchmark_shards": str(params.benchmark_shards),
+            "benchmark_file": str(params.benchmark_file),
+        }
+    results["evaluate"] = _run(
         "evaluate",
         evaluate_task,
         params.config,
         trained["adapter"],
-        base,
         str(params.eval_dir),
         str(params.out),
         params.methods,
         params.ray_address,
+        *benchmark.values(),
     )
-    publish_evaluation(result)
-    return result
+    publish_evaluation(results["evaluate"])
+    return results
 
 
 @flow(name=PIPELINE_FLOW, log_prints=True)
@@ -296,6 +334,7 @@ def pipeline(
     methods: list[str] | None = None,
     stages: list[str] | None = None,
     shards: str | None = None,
+    benchmark_input: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """annotate -> cache -> train -> evaluate on one profile; stages whose outputs are complete
     and unchanged are skipped, the others run (and resume what a killed run left)."""
@@ -307,6 +346,7 @@ def pipeline(
         methods=methods,
         stages=stages,
         shards=shards,
+        benchmark_input=benchmark_input,
     )
     Path(params.output).mkdir(parents=True, exist_ok=True)
     results = run_stages(params)
@@ -359,6 +399,7 @@ def evaluate_flow(
     output: str = "out/pipeline",
     methods: list[str] | None = None,
     ray_address: str | None = None,
+    benchmark_input: str | None = None,
 ) -> dict[str, Any]:
     """The evaluate stage alone, on the adapter the last train stage under ``output`` made."""
     params = check_params(
@@ -367,6 +408,7 @@ def evaluate_flow(
         methods=methods,
         ray_address=ray_address,
         stages=["evaluate"],
+        benchmark_input=benchmark_input,
     )
     return run_stages(params)["evaluate"]
 
@@ -379,6 +421,7 @@ def run_pipeline(
     methods: list[str] | None = None,
     stages: list[str] | None = None,
     shards: str | Path | None = None,
+    benchmark_input: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Runs ``ifadapter-pipeline`` from plain Python and returns each stage's summary.
 
@@ -392,6 +435,7 @@ def run_pipeline(
         "methods": methods,
         "stages": stages,
         "shards": None if shards is None else str(shards),
+        "benchmark_input": benchmark_input,
     }
     check_params(**values)
     return pipeline(**values)

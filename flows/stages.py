@@ -12,6 +12,7 @@ can be skipped. Each returns a JSON-able summary: locations and counts.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -30,10 +31,17 @@ def _skipped(record: StageRecord) -> dict[str, Any]:
     return {**record.summary, "skipped": True, "seconds": 0.0}
 
 
+def plain(value: Any) -> Any:
+    """JSON's own types for a summary (numpy scalars in a metrics table become numbers)."""
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
+
+
 def _finish(
     stage: str, output: Path, inputs: str, files: list[Path], summary: dict, started: float
 ) -> dict[str, Any]:
-    summary = {"stage": stage, **summary}
+    summary = json.loads(json.dumps({"stage": stage, **summary}, default=plain))
     StageRecord.make(stage, inputs, files, summary).write(output)
     return {**summary, "skipped": False, "seconds": round(time.perf_counter() - started, 2)}
 
@@ -64,10 +72,16 @@ def _drop_changed_shards(directory: Path) -> None:
 
 
 def annotate_stage(
-    profile: str, input: str, output: str, records: str, ray_address: str | None
+    profile: str,
+    input: str,
+    output: str,
+    records: str,
+    ray_address: str | None,
+    stage: str = "annotate",
 ) -> dict[str, Any]:
     """Annotates ``input`` into the shard dataset ``output``; a dataset already complete for
-    the same inputs and annotator (manifest checksums intact) is kept as it is."""
+    the same inputs and annotator (manifest checksums intact) is kept as it is. ``stage``
+    names the record (the benchmark's layouts are annotated as ``annotate-benchmark``)."""
     from annotate.config import load_config
     from annotate.engine import annotate
     from annotate.plan import Plan, partition
@@ -88,7 +102,7 @@ def annotate_stage(
         }
     )
     directory = Path(output)
-    record = StageRecord.read(Path(records), "annotate")
+    record = StageRecord.read(Path(records), stage)
     if record is not None and record.unchanged(inputs):
         return _skipped(record)
     _drop_changed_shards(directory)
@@ -100,7 +114,7 @@ def annotate_stage(
         *(directory / e.path for e in [*manifest.shards, *manifest.quarantine]),
     ]
     return _finish(
-        "annotate",
+        stage,
         Path(records),
         inputs,
         files,
@@ -203,50 +217,79 @@ def train_stage(
 # ------------------------------------------------------------------------------ evaluate
 
 
-def evaluate_config(profile: str, adapter: str, base: str, methods: list[str] | None):
-    """The profile's ``evaluate:`` section, pointed at the adapter this pipeline trained (and
-    its base, and the methods asked for) where the section has those settings."""
-    from evaluation.config import EvaluateConfig
+def evaluate_config(
+    profile: str,
+    adapter: str,
+    methods: list[str] | None,
+    benchmark_shards: str | None = None,
+    benchmark_file: str | None = None,
+):
+    """The profile's ``evaluate:`` section for this pipeline: every method whose runner is
+    ``ifadapter`` evaluates the adapter the train stage made; ``methods`` keeps those methods
+    only (in the profile's order); ``benchmark_shards``/``benchmark_file`` put the benchmark
+    built from layouts this pipeline annotated under its output."""
+    from evaluation.config import parse_config
 
     section = yaml.safe_load(Path(profile).read_text()).get("evaluate")
     if not isinstance(section, dict):
         raise ValueError(f"config {profile} has no evaluate: section")
-    fields = EvaluateConfig.model_fields
-    overrides = {"adapter": adapter, "base": base, "methods": methods}
-    values = {**section, **{k: v for k, v in overrides.items() if v is not None and k in fields}}
-    return EvaluateConfig.model_validate(values)
+    section = json.loads(json.dumps(section))  # a copy to edit
+    listed = [m for m in section.get("methods", []) if isinstance(m, dict)]
+    if methods is not None:
+        names = [m.get("name") for m in listed]
+        unknown = [m for m in methods if m not in names]
+        if unknown:
+            raise ValueError(f"methods {unknown} are not in {profile}'s evaluate: ({names})")
+        listed = [m for m in listed if m.get("name") in methods]
+    for method in listed:
+        if method.get("runner") == "ifadapter":
+            method["adapter"] = adapter
+    section["methods"] = listed
+    if benchmark_shards is not None:
+        section["benchmark"] = {**section.get("benchmark", {}), "shards": benchmark_shards}
+    if benchmark_file is not None:
+        section["benchmark"] = {**section.get("benchmark", {}), "file": benchmark_file}
+    return parse_config(section, f"{profile}: evaluate")
 
 
 def evaluate_stage(
     profile: str,
     adapter: str,
-    base: str,
     output: str,
     records: str,
     methods: list[str] | None,
     ray_address: str | None,
+    benchmark_shards: str | None = None,
+    benchmark_file: str | None = None,
 ) -> dict[str, Any]:
     """Runs the benchmark on the trained adapter into ``output``; skipped when the adapter, the
-    evaluate settings and the report files are the ones recorded."""
+    evaluate settings, the benchmark and the report files are the ones recorded (the
+    evaluation also resumes by itself: images and scores already made are kept)."""
+    from annotate.schema import file_sha256
     from evaluation.run import evaluate
 
-    from annotate.schema import file_sha256
-
     started = time.perf_counter()
-    config = evaluate_config(profile, adapter, base, methods)
+    config = evaluate_config(profile, adapter, methods, benchmark_shards, benchmark_file)
     adapter_files = sorted(p for p in Path(adapter).iterdir() if p.is_file())
-    inputs = digest(
-        {
-            "config": config.model_dump(mode="json"),
-            "adapter": {p.name: file_sha256(p) for p in adapter_files},
-            "output": str(Path(output).resolve()),
-        }
-    )
+    benchmark = Path(config.benchmark.file)
+
+    def current() -> str:
+        return digest(
+            {
+                "config": config.model_dump(mode="json"),
+                "adapter": {p.name: file_sha256(p) for p in adapter_files},
+                "benchmark": file_sha256(benchmark) if benchmark.is_file() else None,
+                "output": str(Path(output).resolve()),
+            }
+        )
+
+    inputs = current()
     record = StageRecord.read(Path(records), "evaluate")
     if record is not None and record.unchanged(inputs):
         return _skipped(record)
     connect(ray_address)
     result = evaluate(config, Path(output))
+    inputs = current()  # with the benchmark a first run built, as a rerun will see it
     files = [Path(result.metrics_path), Path(result.report_path)]
     return _finish(
         "evaluate",
@@ -259,6 +302,8 @@ def evaluate_stage(
             "report_path": str(result.report_path),
             "table": result.table,
             "markdown": result.markdown,
+            "methods": [m.name for m in config.methods],
+            "seconds_by_stage": {k: round(v, 2) for k, v in result.timings.items()},
         },
         started,
     )

@@ -39,6 +39,9 @@ def write_profile(
     """configs/tiny.yaml made short: absolute model paths, small shards, a few training steps,
     one CPU per actor budget that fits two cores next to Ray Train."""
     profile = yaml.safe_load(TINY_PROFILE.read_text())
+    # The tiny evaluate: section needs a tiny VLM judge, GLIGEN and Inception weights: the
+    # evaluate stage is tested on the demo profile instead (tests/test_flows_evaluate.py).
+    profile.pop("evaluate", None)
     annotate = profile["annotate"]
     annotate["tagger"]["model"] = str(models / "clip")
     annotate["detector"]["model"] = str(models / "grounding-dino")

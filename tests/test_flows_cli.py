@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from flows.params import check_params
 from ifadapter.cli import main
 from tests.annotate_inputs import TINY_PROFILE
 
@@ -19,10 +20,6 @@ BASE = ["--config", str(TINY_PROFILE), "--output", "o", "--input", "i"]
         (
             [*BASE, "--stages", "fly"],
             "unknown stages ['fly']",
-        ),
-        (
-            ["--config", str(TINY_PROFILE), "--output", "o", "--stages", "evaluate"],
-            "has no evaluate: section",
         ),
         (
             [*BASE, "--ray-address", "ftp://head:8265"],
@@ -52,20 +49,28 @@ def test_bad_parameters_are_one_line_and_exit_2(argv, message, capsys, monkeypat
 
 
 def test_default_stages_follow_the_profile(tmp_path):
-    from flows.params import check_params
-
     params = check_params(config=str(TINY_PROFILE), input="images", output=str(tmp_path))
-    assert params.chosen() == ["annotate", "cache", "train"]  # no evaluate: section
+    assert params.chosen() == ["annotate", "cache", "train", "evaluate"]
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "_manifest.json").write_text("{}")
     retrain = check_params(config=str(TINY_PROFILE), shards=str(shards), output=str(tmp_path))
-    assert retrain.chosen() == ["cache", "train"]
+    assert retrain.chosen() == ["cache", "train", "evaluate"]
     assert retrain.shards_dir == shards
     ordered = check_params(
         config=str(TINY_PROFILE), output="o", shards=str(shards), stages=["train", "cache"]
     )
     assert ordered.chosen() == ["cache", "train"]
+
+
+def test_a_stage_needs_its_section(tmp_path, capsys):
+    profile = tmp_path / "annotate-only.yaml"
+    profile.write_text("annotate: {}\n")
+    argv = ["pipeline", "--config", str(profile), "--output", "o", "--stages", "train"]
+    assert main(argv) == 2
+    assert "has no train: section" in capsys.readouterr().err
+    params = check_params(config=str(profile), input="images", output="o")
+    assert params.chosen() == ["annotate"]
 
 
 def test_flow_names_and_failures_name_the_stage():

@@ -1,15 +1,11 @@
-"""The evaluate stage in the pipeline: the benchmark runs on the adapter the train stage made,
-its results become Prefect artifacts (a metrics table per method, a markdown summary with the
-report's location), and a rerun skips it while still publishing them.
-
-Runs once ``evaluation.run`` (the evaluate stage) and ``configs/demo.yaml`` (the toy world,
-with its ``evaluate:`` section) are on the branch; skipped before. The demo's input is the one
-the ``demo`` deployment of prefect.yaml names, the training made short here.
-"""
+"""The evaluate stage in the pipeline, on the demo profile (the toy world: oracle annotation,
+the frozen toy base, the world's exact verifiers as detector and judge), made short: the
+benchmark runs on the adapter the train stage made, its results become Prefect artifacts (a
+metrics table per method, a markdown summary with the report's location), and a rerun skips
+every stage while still publishing them."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -19,13 +15,7 @@ from tests.annotate_inputs import REPO
 
 DEMO = REPO / "configs" / "demo.yaml"
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        importlib.util.find_spec("evaluation.run") is None or not DEMO.is_file(),
-        reason="needs the evaluate stage (evaluation.run) and configs/demo.yaml",
-    ),
-]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -37,38 +27,63 @@ def prefect_api():
         yield PREFECT_API_URL.value()
 
 
+def short_demo(path: Path) -> Path:
+    """configs/demo.yaml with a few training steps, a small benchmark, few denoising steps."""
+    profile = yaml.safe_load(DEMO.read_text())
+    base = str(REPO / "models" / "toy-base")
+    profile["train"].update(
+        base=base, max_steps=4, checkpoint_every=2, log_every=1, cpus_per_worker=1
+    )
+    evaluate = profile["evaluate"]
+    evaluate["benchmark"]["count"] = 8
+    for method in evaluate["methods"]:
+        if "base" in method:
+            method.update(base=base, steps=2)
+    evaluate["report"]["gallery"] = 4
+    path.write_text(yaml.safe_dump(profile, sort_keys=False))
+    return path
+
+
 def test_pipeline_evaluates_and_publishes_artifacts(prefect_api, tmp_path, monkeypatch):
     from prefect import get_client
 
     from flows.pipeline import pipeline
 
     monkeypatch.setenv("IFADAPTER_RAY_CPUS", "2")
-    profile = yaml.safe_load(DEMO.read_text())
-    profile["train"].update({"max_steps": 4, "checkpoint_every": 2, "log_every": 1})
-    short = tmp_path / "demo-short.yaml"
-    short.write_text(yaml.safe_dump(profile, sort_keys=False))
-    deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
-    demo_input = next(d for d in deployments if d["name"] == "demo")["parameters"]["input"]
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    profile = short_demo(tmp_path / "demo-short.yaml")
     output = tmp_path / "out"
-
-    state = pipeline(config=str(short), input=demo_input, output=str(output), return_state=True)
+    arguments = {
+        "config": str(profile),
+        "input": "toy:seed=0,count=64",
+        "output": str(output),
+        "benchmark_input": "toy:seed=1,count=16",
+    }
+    state = pipeline(**arguments, return_state=True)
     assert state.is_completed(), state.message
     results = state.result()
+    assert list(results) == ["annotate", "cache", "train", "annotate-benchmark", "evaluate"]
     evaluated = results["evaluate"]
     assert not evaluated["skipped"]
-    assert (output / "eval").is_dir()
-    for key in ("metrics_path", "report_path"):
-        assert Path(evaluated[key]).is_file(), evaluated[key]
-    assert evaluated["table"] and all(isinstance(row, dict) for row in evaluated["table"])
+    assert Path(evaluated["metrics_path"]).is_file() and Path(evaluated["report_path"]).is_file()
+    assert (output / "benchmark.json").is_file()
+    names = [m["name"] for m in yaml.safe_load(profile.read_text())["evaluate"]["methods"]]
+    assert evaluated["methods"] == names
+    assert len(evaluated["table"]) == len(names)
 
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts()
-    mine = {a.key: a for a in artifacts if a.flow_run_id == state.state_details.flow_run_id}
+    run_id = state.state_details.flow_run_id
+    mine = {a.key: a for a in artifacts if a.flow_run_id == run_id}
     assert mine["ifadapter-metrics"].type == "table"
     assert mine["ifadapter-evaluation"].type == "markdown"
     assert evaluated["report_path"] in mine["ifadapter-evaluation"].data
-    assert "ifadapter-pipeline-summary" in mine
+    assert "| evaluate | ran |" in mine["ifadapter-pipeline-summary"].data
 
-    again = pipeline(config=str(short), input=demo_input, output=str(output))
-    assert all(stage["skipped"] for stage in again.values())
+    again = pipeline(**arguments)
+    assert all(stage["skipped"] for stage in again.values()), again
     assert again["evaluate"]["table"] == evaluated["table"]
+
+    # One method, evaluated again on its own: the evaluate stage reruns (other settings).
+    alone = pipeline(**arguments, methods=["ifadapter"])
+    assert not alone["evaluate"]["skipped"] and alone["evaluate"]["methods"] == ["ifadapter"]
