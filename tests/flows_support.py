@@ -72,6 +72,23 @@ def write_profile(
     return path
 
 
+def short_demo(path: Path) -> Path:
+    """configs/demo.yaml with a few training steps, a small benchmark, few denoising steps."""
+    profile = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    base = str(REPO / "models" / "toy-base")
+    profile["train"].update(
+        base=base, max_steps=4, checkpoint_every=2, log_every=1, cpus_per_worker=1
+    )
+    evaluate = profile["evaluate"]
+    evaluate["benchmark"]["count"] = 8
+    for method in evaluate["methods"]:
+        if "base" in method:
+            method.update(base=base, steps=2)
+    evaluate["report"]["gallery"] = 4
+    path.write_text(yaml.safe_dump(profile, sort_keys=False))
+    return path
+
+
 def flow_env(**extra: str) -> dict[str, str]:
     """The environment of a subprocess that runs project code: offline, no telemetry, the
     repository importable, one torch thread, Ray's local cluster at two CPUs."""

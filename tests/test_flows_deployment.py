@@ -7,6 +7,7 @@ the scheduled retraining deployment carries its cron schedule."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import time
@@ -14,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.annotate_inputs import REPO, write_scenes
-from tests.flows_support import BIN, api, prefect_server, start, stop, tail, write_profile
+from tests.annotate_inputs import REPO
+from tests.flows_support import BIN, api, prefect_server, short_demo, start, stop, tail
 
 POOL = "ifadapter"
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -55,12 +56,9 @@ def wait_state(url: str, run_id: str, timeout: float, log: Path) -> dict:
     raise TimeoutError(f"flow run {run_id} still {state['type']} after {timeout}s:\n{tail(log)}")
 
 
-def test_deployment_run_end_to_end(tmp_path, tiny_models_root, base_dir):
-    profile = write_profile(
-        tmp_path / "profile.yaml", tiny_models_root / "out" / "tiny-models", base_dir
-    )
-    images = tmp_path / "images"
-    write_scenes(images, 8)
+def test_deployment_run_end_to_end(tmp_path):
+    """The demo deployment on the demo profile, made short (tests/flows_support.short_demo)."""
+    profile = short_demo(tmp_path / "demo-short.yaml")
     output = tmp_path / "pipeline"
     timings = {}
     started = time.perf_counter()
@@ -91,7 +89,8 @@ def test_deployment_run_end_to_end(tmp_path, tiny_models_root, base_dir):
                 env,
                 "ifadapter-pipeline/demo",
                 config=str(profile),
-                input=str(images),
+                input="toy:seed=0,count=64",
+                benchmark_input="toy:seed=1,count=16",
                 output=str(output),
             )
             state = wait_state(url, good, 600, log)
@@ -108,14 +107,18 @@ def test_deployment_run_end_to_end(tmp_path, tiny_models_root, base_dir):
         artifacts = api(url, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [good]}}})
         keys = {a["key"]: a for a in artifacts}  # type: ignore[union-attr]
         summary = keys["ifadapter-pipeline-summary"]["data"]
-        for stage in ("annotate", "cache", "train"):
+        stages = ("annotate", "cache", "train", "annotate-benchmark", "evaluate")
+        for stage in stages:
             assert f"| {stage} | ran |" in summary, summary
+        assert keys["ifadapter-metrics"]["type"] == "table"
+        methods = {row["method"] for row in json.loads(keys["ifadapter-metrics"]["data"])}
+        assert {"base", "ifadapter", "real"} <= methods
+        assert "report" in keys["ifadapter-evaluation"]["data"].lower()
         tasks = api(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [good]}}})
-        assert {t["name"].rsplit("-", 1)[0]: t["state"]["type"] for t in tasks} == {  # type: ignore[union-attr]
-            "annotate": "COMPLETED",
-            "cache": "COMPLETED",
-            "train": "COMPLETED",
-        }
+        assert {t["name"].rsplit("-", 1)[0]: t["state"]["type"] for t in tasks} == dict.fromkeys(  # type: ignore[union-attr]
+            stages, "COMPLETED"
+        )
     assert (output / "shards" / "_manifest.json").is_file()
     assert list(output.glob("train/*/adapter/ifadapter.safetensors"))
+    assert (output / "eval" / "metrics.json").is_file()
     print({k: round(v, 1) for k, v in timings.items()})

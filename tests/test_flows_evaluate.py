@@ -11,9 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.annotate_inputs import REPO
-
-DEMO = REPO / "configs" / "demo.yaml"
+from tests.flows_support import short_demo
 
 pytestmark = pytest.mark.slow
 
@@ -25,23 +23,6 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield PREFECT_API_URL.value()
-
-
-def short_demo(path: Path) -> Path:
-    """configs/demo.yaml with a few training steps, a small benchmark, few denoising steps."""
-    profile = yaml.safe_load(DEMO.read_text())
-    base = str(REPO / "models" / "toy-base")
-    profile["train"].update(
-        base=base, max_steps=4, checkpoint_every=2, log_every=1, cpus_per_worker=1
-    )
-    evaluate = profile["evaluate"]
-    evaluate["benchmark"]["count"] = 8
-    for method in evaluate["methods"]:
-        if "base" in method:
-            method.update(base=base, steps=2)
-    evaluate["report"]["gallery"] = 4
-    path.write_text(yaml.safe_dump(profile, sort_keys=False))
-    return path
 
 
 def test_pipeline_evaluates_and_publishes_artifacts(prefect_api, tmp_path, monkeypatch):
