@@ -69,5 +69,5 @@ class ToyJudge(InstanceJudge):
                     if not ok
                 ]
                 reason = "saw " + ", ".join(wrong)
-            verdicts.append(Verdict(verdict.success, reason))
+            verdicts.append(Verdict(bool(verdict.success), reason))  # numpy bool: not JSON
         return verdicts

@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(commands)
 
+    from flows.cli import add_parser as add_pipeline_parser
+
+    add_pipeline_parser(commands)
+
     from evaluation.cli import add_parser as add_evaluate_parser
 
     add_evaluate_parser(commands)
@@ -258,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from annotate.cli import run as run_annotate
     from evaluation.cli import run_evaluate
+    from flows.cli import run as run_pipeline
     from training.cli import run_train
 
     runners = {
@@ -267,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": run_train,
         "evaluate": run_evaluate,
         "convert-released": run_convert_released,
+        "pipeline": run_pipeline,
     }
     try:
         runners[args.command](args)

@@ -354,6 +354,22 @@ def _model_shapes(config: TrainConfig) -> dict:
     }
 
 
+def _existing(target: Path, key: str) -> CacheInfo | None:
+    if not (target / CACHE_MANIFEST).is_file():
+        return None
+    info = CacheInfo.read(target)
+    if info.key != key:
+        raise ValueError(f"{target} holds a cache for another key; remove it")
+    return info
+
+
+def find_cache(config: TrainConfig) -> tuple[str, CacheInfo | None]:
+    """(the cache key of ``config``, its finished cache or None), without Ray: lets a caller
+    (the Prefect pipeline) learn whether ``build_cache`` has work to do."""
+    key, _ = cache_key(config, open_dataset(config.data))
+    return key, _existing(config.cache_root / key[:16], key)
+
+
 def build_cache(config: TrainConfig, progress: bool = False) -> CacheInfo:
     """The cache for ``config``: found under its key, or computed now with Ray Data."""
     import ray
@@ -361,11 +377,9 @@ def build_cache(config: TrainConfig, progress: bool = False) -> CacheInfo:
     dataset = open_dataset(config.data)
     key, material = cache_key(config, dataset)
     target = config.cache_root / key[:16]
-    if (target / CACHE_MANIFEST).is_file():
-        info = CacheInfo.read(target)
-        if info.key != key:
-            raise ValueError(f"{target} holds a cache for another key; remove it")
-        return info
+    found = _existing(target, key)
+    if found is not None:
+        return found
     augment = config.augment
     shapes = _model_shapes(config)
     buckets = aspect_buckets(augment.resolution, augment.bucket_step, augment.max_aspect)

@@ -1,0 +1,76 @@
+"""Connecting a stage to Ray: the configured cluster, or a local Ray started on this machine.
+
+The stage functions (``annotate``, ``build_cache``, ``train``) are Ray drivers: they expect a
+``ray.init`` before they run. The pipeline connects once, when the first stage that has work to
+do asks for it (a rerun whose stages are all complete never starts Ray), and disconnects when
+the flow ends, so the stages of one flow run share one connection (a local Ray costs seconds to
+start) and a flow leaves no Ray behind it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+logger = logging.getLogger(__name__)
+
+# Addresses ``ray.init`` joins: "auto" (the cluster this machine belongs to), a GCS "host:port",
+# a Ray Client "ray://host:port"; or a job server "http(s)://host:port", to which each stage is
+# submitted as a Ray job (``flows.ray_jobs``).
+ADDRESS = re.compile(r"^(auto|(ray|https?)://[^\s:/]+:\d+|[^\s:/]+:\d+)$")
+
+
+def check_address(address: str | None) -> str | None:
+    """``None`` (or "local") for a local Ray; otherwise an address ``ray.init`` accepts."""
+    if address is None or address in {"", "local"}:
+        return None
+    if not ADDRESS.match(address):
+        raise ValueError(
+            f"ray_address {address!r} is not 'auto', 'host:port', 'ray://host:port' or a job "
+            "server 'http://host:port' (leave it empty for a local Ray)"
+        )
+    return address
+
+
+def connect(address: str | None) -> None:
+    """Joins ``address``, or starts a local Ray; does nothing when this process is connected.
+
+    A local Ray takes the machine's CPUs unless ``IFADAPTER_RAY_CPUS`` says how many (tests and
+    shared machines)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = check_address(address)
+    if address is not None and address.startswith(("http://", "https://")):
+        raise ValueError(f"{address} is a job server: submit the stage as a Ray job instead")
+    if address is None:
+        cpus = os.environ.get("IFADAPTER_RAY_CPUS")
+        logger.info("starting a local Ray (%s CPUs)", cpus or "all")
+        ray.init(
+            address="local",  # None would join any cluster this machine last started
+            num_cpus=int(cpus) if cpus else None,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+    else:
+        logger.info("joining the Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=False)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+@contextmanager
+def ray_scope() -> Iterator[None]:
+    """Shuts down, on exit, a Ray connection opened inside the block (and only that one)."""
+    import ray
+
+    connected_before = ray.is_initialized()
+    try:
+        yield
+    finally:
+        if not connected_before and ray.is_initialized():
+            ray.shutdown()
