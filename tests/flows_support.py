@@ -73,20 +73,10 @@ def write_profile(
 
 
 def short_demo(path: Path) -> Path:
-    """configs/demo.yaml with a few training steps, a small benchmark, few denoising steps."""
-    profile = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
-    base = str(REPO / "models" / "toy-base")
-    profile["train"].update(
-        base=base, max_steps=4, checkpoint_every=2, log_every=1, cpus_per_worker=1
-    )
-    evaluate = profile["evaluate"]
-    evaluate["benchmark"]["count"] = 8
-    for method in evaluate["methods"]:
-        if "base" in method:
-            method.update(base=base, steps=2)
-    evaluate["report"]["gallery"] = 4
-    path.write_text(yaml.safe_dump(profile, sort_keys=False))
-    return path
+    """configs/demo.yaml in the demo's short configuration (``ifadapter demo --quick``)."""
+    from flows.demo import demo_profile
+
+    return demo_profile(path, quick=True)
 
 
 def flow_env(**extra: str) -> dict[str, str]:

@@ -1,17 +1,28 @@
 import json
 
-from PIL import Image
+import pytest
 
 from ifadapter import IFAdapter, tiny
 from ifadapter.cli import main
 
 
-def test_demo_writes_images_checkpoint_and_summary(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--steps", "3"]) == 0
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["mean_abs_pixel_difference_adapter_vs_base"] > 0
-    assert (tmp_path / "adapter" / "ifadapter.safetensors").is_file()
-    assert Image.open(tmp_path / "images" / "adapter" / "00000_0_boxes.png").size == (64, 64)
+@pytest.mark.slow
+def test_quick_demo_writes_the_report_and_metrics(tmp_path, monkeypatch, capsys):
+    """``ifadapter demo --quick``: the whole flow on small toy worlds, under Prefect's
+    temporary local server, ending in the files the README promises."""
+    monkeypatch.setenv("IFADAPTER_RAY_CPUS", "2")
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--quick"]) == 0
+    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    names = {"base", "ifadapter", "ifadapter-no-appearance", "ifadapter-no-eot", "real"}
+    assert set(metrics["methods"]) == names
+    for values in metrics["methods"].values():
+        assert 0 <= values["ifs_rate"] <= 1 and 0 <= values["placement"] <= 1
+        assert values["ap"] is not None and values["instances"] > 0
+    assert metrics["methods"]["real"]["placement"] == 1.0
+    html = (tmp_path / "demo" / "report.html").read_text()
+    assert all(name in html for name in names)
+    assert "demo finished" in capsys.readouterr().out
 
 
 def test_generate_from_a_layout_file(tmp_path, base_dir, components):
