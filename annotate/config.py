@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, TypeVar
 
 import yaml
 from pydantic import (
@@ -31,6 +31,9 @@ from pydantic import (
 from annotate.backends import Backend, Kind, resolve_backend
 
 SECTION = "annotate"
+
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -150,23 +153,26 @@ class AnnotateConfig(BaseModel):
         }
 
 
-def _one_line(error: ValidationError) -> str:
+def one_line(error: ValidationError, section: str) -> str:
+    """A validation error as one line naming each faulty field under its profile section."""
     faults = []
     for fault in error.errors():
-        where = ".".join(str(part) for part in (SECTION, *fault["loc"]))
+        where = ".".join(str(part) for part in (section, *fault["loc"]))
         faults.append(f"{where}: {fault['msg']}")
     return "; ".join(faults)
 
 
-def parse_config(data: dict, origin: str = "config") -> AnnotateConfig:
+def parse_section(model: type[M], section: str, data: dict, origin: str = "config") -> M:
+    """``data`` (a profile's ``section:``) validated as ``model``; ``ConfigError`` in one line."""
     try:
-        return AnnotateConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(f"{origin}: {_one_line(error)}") from None
+        raise ConfigError(f"{origin}: {one_line(error, section)}") from None
 
 
-def load_config(path: str | Path) -> AnnotateConfig:
-    """The ``annotate:`` section of a YAML profile; ``ConfigError`` (one line) on any fault."""
+def load_section(model: type[M], section: str, path: str | Path) -> M:
+    """The ``section:`` of the YAML profile at ``path`` as ``model``; ``ConfigError`` (one line)
+    when the file is missing, is not YAML, lacks the section or does not validate."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config {path} does not exist")
@@ -174,6 +180,15 @@ def load_config(path: str | Path) -> AnnotateConfig:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path} is not YAML: {str(error).splitlines()[0]}") from None
-    if not isinstance(data, dict) or not isinstance(data.get(SECTION), dict):
-        raise ConfigError(f"{path} has no '{SECTION}:' section")
-    return parse_config(data[SECTION], str(path))
+    if not isinstance(data, dict) or not isinstance(data.get(section), dict):
+        raise ConfigError(f"{path} has no '{section}:' section")
+    return parse_section(model, section, data[section], str(path))
+
+
+def parse_config(data: dict, origin: str = "config") -> AnnotateConfig:
+    return parse_section(AnnotateConfig, SECTION, data, origin)
+
+
+def load_config(path: str | Path) -> AnnotateConfig:
+    """The ``annotate:`` section of a YAML profile; ``ConfigError`` (one line) on any fault."""
+    return load_section(AnnotateConfig, SECTION, path)

@@ -80,20 +80,24 @@ def tag_words(tags: list[str]) -> list[str]:
     return sorted({w for tag in tags for w in re.findall(r"[a-z0-9]+", tag.lower())})
 
 
+# The text tower of every tiny CLIP here: CLIP's real vocabulary and special tokens.
+TINY_CLIP_TEXT = dict(
+    vocab_size=CLIP_VOCAB_SIZE,
+    hidden_size=32,
+    intermediate_size=37,
+    num_attention_heads=4,
+    num_hidden_layers=2,
+    max_position_embeddings=77,
+    bos_token_id=CLIP_BOS,
+    eos_token_id=CLIP_EOS,
+    pad_token_id=CLIP_EOS,
+)
+
+
 def build_clip(seed: int = 0) -> tuple[CLIPModel, CLIPProcessor]:
     """A CLIP of the real architecture at 32 px with CLIP's real BPE tokenizer."""
     config = CLIPConfig(
-        text_config=dict(
-            vocab_size=CLIP_VOCAB_SIZE,
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=77,
-            bos_token_id=CLIP_BOS,
-            eos_token_id=CLIP_EOS,
-            pad_token_id=CLIP_EOS,
-        ),
+        text_config=TINY_CLIP_TEXT,
         vision_config=dict(
             hidden_size=32,
             intermediate_size=37,

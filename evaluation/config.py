@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import ClassVar
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -19,12 +18,11 @@ from pydantic import (
     NonNegativeFloat,
     PositiveInt,
     PrivateAttr,
-    ValidationError,
     field_validator,
     model_validator,
 )
 
-from annotate.config import ConfigError, ModelRef
+from annotate.config import ModelRef, load_section, parse_section
 from evaluation.protocols import EvaluationBackend, Kind, resolve
 
 SECTION = "evaluate"
@@ -191,30 +189,10 @@ class EvaluateConfig(BaseModel):
         return self
 
 
-def _one_line(error: ValidationError) -> str:
-    faults = []
-    for fault in error.errors():
-        where = ".".join(str(part) for part in (SECTION, *fault["loc"]))
-        faults.append(f"{where}: {fault['msg']}")
-    return "; ".join(faults)
-
-
 def parse_config(data: dict, origin: str = "config") -> EvaluateConfig:
-    try:
-        return EvaluateConfig.model_validate(data)
-    except ValidationError as error:
-        raise ConfigError(f"{origin}: {_one_line(error)}") from None
+    return parse_section(EvaluateConfig, SECTION, data, origin)
 
 
 def load_config(path: str | Path) -> EvaluateConfig:
     """The ``evaluate:`` section of a YAML profile; ``ConfigError`` (one line) on any fault."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not YAML: {str(error).splitlines()[0]}") from None
-    if not isinstance(data, dict) or not isinstance(data.get(SECTION), dict):
-        raise ConfigError(f"{path} has no '{SECTION}:' section")
-    return parse_config(data[SECTION], str(path))
+    return load_section(EvaluateConfig, SECTION, path)

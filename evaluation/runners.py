@@ -71,8 +71,18 @@ class DiffusionRunner(Runner):
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def _size(self) -> dict:
-        return {"height": self.generation.height, "width": self.generation.width}
+    def _sampling(self, layouts: Sequence[BenchmarkLayout], seeds: Sequence[int]) -> dict:
+        """The keyword arguments every SDXL-family call shares: steps, guidance, negative
+        prompt, one generator per layout, size."""
+        s = self.settings
+        return {
+            "num_inference_steps": s.steps,
+            "guidance_scale": s.guidance,
+            "negative_prompt": [s.negative_prompt] * len(layouts) if s.negative_prompt else None,
+            "generator": _generators(self.device, seeds),
+            "height": self.generation.height,
+            "width": self.generation.width,
+        }
 
 
 class IFAdapterSettings(BaseModel):
@@ -130,11 +140,7 @@ class IFAdapterRunner(DiffusionRunner):
             ],
             control_ratio=s.control_ratio,
             token_groups=s.token_groups,
-            num_inference_steps=s.steps,
-            guidance_scale=s.guidance,
-            negative_prompt=[s.negative_prompt] * len(layouts) if s.negative_prompt else None,
-            generator=_generators(self.device, seeds),
-            **self._size(),
+            **self._sampling(layouts, seeds),
         ).images
 
 
@@ -166,14 +172,8 @@ class SDXLRunner(DiffusionRunner):
     def generate(
         self, layouts: Sequence[BenchmarkLayout], seeds: Sequence[int]
     ) -> list[Image.Image]:
-        s = self.settings
         return self.pipe(
-            [layout.caption for layout in layouts],
-            num_inference_steps=s.steps,
-            guidance_scale=s.guidance,
-            negative_prompt=[s.negative_prompt] * len(layouts) if s.negative_prompt else None,
-            generator=_generators(self.device, seeds),
-            **self._size(),
+            [layout.caption for layout in layouts], **self._sampling(layouts, seeds)
         ).images
 
 
@@ -210,19 +210,14 @@ class GLIGENRunner(DiffusionRunner):
     def generate(
         self, layouts: Sequence[BenchmarkLayout], seeds: Sequence[int]
     ) -> list[Image.Image]:
-        s = self.settings
         images = []
-        for layout, generator in zip(layouts, _generators(self.device, seeds), strict=True):
+        for layout, seed in zip(layouts, seeds, strict=True):  # the pipeline takes one layout
             images += self.pipe(
-                layout.caption,
+                [layout.caption],
                 gligen_phrases=[i.caption for i in layout.instances],
                 gligen_boxes=[list(i.box) for i in layout.instances],
-                gligen_scheduled_sampling_beta=s.scheduled_sampling_beta,
-                num_inference_steps=s.steps,
-                guidance_scale=s.guidance,
-                negative_prompt=s.negative_prompt,
-                generator=generator,
-                **self._size(),
+                gligen_scheduled_sampling_beta=self.settings.scheduled_sampling_beta,
+                **self._sampling([layout], [seed]),
             ).images
         return images
 

@@ -25,8 +25,8 @@ from diffusers import (
 from torchvision.models import inception_v3
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from annotate.tiny_models import build_clip
-from ifadapter.tiny import CLIP_BOS, CLIP_EOS, CLIP_VOCAB_SIZE, write_clip_bpe
+from annotate.tiny_models import TINY_CLIP_TEXT, build_clip
+from ifadapter.tiny import write_clip_bpe
 
 GLIGEN_DIR = "gligen"
 CLIP_DIR = "clip"
@@ -59,19 +59,7 @@ def build_gligen(seed: int = 0) -> StableDiffusionGLIGENPipeline:
         norm_num_groups=8,
         sample_size=64,
     ).eval()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=CLIP_VOCAB_SIZE,
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=77,
-            bos_token_id=CLIP_BOS,
-            eos_token_id=CLIP_EOS,
-            pad_token_id=CLIP_EOS,
-        )
-    ).eval()
+    text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_CLIP_TEXT)).eval()
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = CLIPTokenizer.from_pretrained(write_clip_bpe(tmp), model_max_length=77)
     scheduler = DDIMScheduler(
