@@ -45,7 +45,7 @@ from evaluation.metrics import (
     instance_records,
 )
 from evaluation.protocols import Detection, weights_stamp
-from evaluation.report import markdown_table, summary_table, write_report
+from evaluation.report import markdown_summary, summary_table, write_report
 from evaluation.runners import image_name, layout_seed
 
 REFERENCE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -429,5 +429,5 @@ def evaluate(
             config.report,
         )
     return EvaluationResult(
-        output, metrics_path, report_path, table, markdown_table(table), metrics, timings
+        output, metrics_path, report_path, table, markdown_summary(metrics), metrics, timings
     )

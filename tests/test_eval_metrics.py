@@ -283,3 +283,23 @@ def test_profiles_evaluate_sections_load(tmp_path, monkeypatch):
     real_scale = load_config(configs / "sdxl.yaml")
     assert real_scale.report.paper_table and real_scale.benchmark.count == 1000
     assert [j.name for j in real_scale.judges] == ["qwen", "internvl"]
+
+
+def test_findings_compare_the_adapter_and_rank_the_ablation():
+    from evaluation.report import findings
+
+    def method(ifs, placement=0.5):
+        return {"ifs_rate": ifs, "placement": placement}
+
+    paper_order = {
+        "base": method(0.05, 0.1),
+        "ifadapter": method(0.8),
+        "ifadapter-no-appearance": method(0.7),
+        "ifadapter-no-eot": method(0.3),
+    }
+    adapter, ablation = findings({"methods": paper_order})
+    assert "IFS 80.0%" in adapter and "5.0% and 10.0%" in adapter
+    assert ablation.endswith(": the paper's order.")
+    swapped = {**paper_order, "ifadapter-no-eot": method(0.75)}
+    assert "not the paper's order" in findings({"methods": swapped})[1]
+    assert findings({"methods": {"base": method(0.1)}}) == []
