@@ -179,7 +179,15 @@ class GroundingDinoDetector(Detector):
         ].sigmoid().float().cpu(), outputs.pred_boxes.float().cpu()
 
     def detect(self, records: Sequence[Record]) -> list[list[Detection]]:
-        return self.detect_tags([record.rgb() for record in records], [r.tags for r in records])
+        """Records without tags have nothing to look for (and may carry no pixels): empty."""
+        tagged = [index for index, record in enumerate(records) if record.tags]
+        found = self.detect_tags(
+            [records[i].rgb() for i in tagged], [records[i].tags for i in tagged]
+        )
+        out: list[list[Detection]] = [[] for _ in records]
+        for index, detections in zip(tagged, found, strict=True):
+            out[index] = detections
+        return out
 
     def detect_tags(
         self, images: Sequence[Image.Image], tag_lists: Sequence[Sequence[str]]
