@@ -13,7 +13,6 @@ strict parsing) over a ``VLMClient``; they differ in where the model runs:
 
 from __future__ import annotations
 
-import os
 from abc import abstractmethod
 from collections.abc import Sequence
 from typing import ClassVar
@@ -82,18 +81,4 @@ class HTTPVLMCaptioner(VLMCaptioner):
     def connect(self) -> VLMClient:
         from annotate.vlm_http import HTTPChatClient
 
-        settings = self.settings
-        api_key = None
-        if settings.api_key_env is not None:
-            api_key = os.environ.get(settings.api_key_env)
-            if not api_key:
-                raise ValueError(f"api_key_env: {settings.api_key_env} is not set")
-        return HTTPChatClient(
-            settings.url,
-            settings.model,
-            api_key=api_key,
-            concurrency=settings.concurrency,
-            timeout_s=settings.timeout_s,
-            retries=settings.retries,
-            backoff_s=settings.backoff_s,
-        )
+        return HTTPChatClient.from_settings(self.settings)

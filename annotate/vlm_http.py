@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 from collections.abc import Sequence
 
@@ -82,6 +83,26 @@ class HTTPChatClient:
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
+
+    @classmethod
+    def from_settings(cls, settings) -> HTTPChatClient:
+        """From a config section with ``url``, ``model``, ``api_key_env`` (the environment
+        variable holding the key, never the key), ``concurrency``, ``timeout_s``, ``retries``
+        and ``backoff_s``: the captioner's and the judges' HTTP backends alike."""
+        api_key = None
+        if settings.api_key_env is not None:
+            api_key = os.environ.get(settings.api_key_env)
+            if not api_key:
+                raise ValueError(f"api_key_env: {settings.api_key_env} is not set")
+        return cls(
+            settings.url,
+            settings.model,
+            api_key=api_key,
+            concurrency=settings.concurrency,
+            timeout_s=settings.timeout_s,
+            retries=settings.retries,
+            backoff_s=settings.backoff_s,
+        )
 
     def payload(self, request: ChatRequest) -> dict:
         body = {

@@ -9,7 +9,6 @@ reason. Two backends: ``vlm_transformers`` runs the model in this process (CPU m
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Literal
 
@@ -79,18 +78,5 @@ class HTTPVLMJudge(VLMJudge):
     def __init__(self, settings: HTTPJudgeSettings, device: str):
         from annotate.vlm_http import HTTPChatClient
 
-        api_key = None
-        if settings.api_key_env:
-            api_key = os.environ.get(settings.api_key_env)
-            if not api_key:
-                raise ValueError(f"environment variable {settings.api_key_env} is not set")
-        client = HTTPChatClient(
-            settings.url,
-            settings.model,
-            api_key=api_key,
-            concurrency=settings.concurrency,
-            timeout_s=settings.timeout_s,
-            retries=settings.retries,
-            backoff_s=settings.backoff_s,
-        )
+        client = HTTPChatClient.from_settings(settings)
         super().__init__(settings, device, client)
