@@ -10,6 +10,7 @@ shards beside the annotations. A new source (the toy world, for one) subclasses 
 
 from __future__ import annotations
 
+import io
 import json
 import posixpath
 from abc import ABC, abstractmethod
@@ -22,6 +23,9 @@ import fsspec
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+
+from annotate.toy_world import render, scenes
+from annotate.toy_world import scene as toy_scene
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif"}
@@ -295,13 +299,8 @@ class ToySource(Source):
             fields[key] = int(value)
         return cls(**fields, **({"name": name} if name else {}))
 
-    def _scenes(self) -> list:
-        from annotate.toy_world import scenes
-
-        return scenes(self.seed, self.count)
-
     def items(self) -> Iterator[Item]:
-        for index, scene in enumerate(self._scenes()):
+        for index, scene in enumerate(scenes(self.seed, self.count)):
             yield Item(
                 uri=f"toy:seed={self.seed},size={self.size}/{index}",
                 caption=scene.caption,
@@ -314,13 +313,9 @@ class ToySource(Source):
             )
 
     def read(self, uri: str, max_bytes: int) -> bytes:
-        import io
-
-        from annotate.toy_world import render, scene
-
         index = int(uri.rsplit("/", 1)[1])
         buffer = io.BytesIO()
-        render(scene(self.seed, index), self.size).save(buffer, "PNG")
+        render(toy_scene(self.seed, index), self.size).save(buffer, "PNG")
         if buffer.tell() > max_bytes:
             raise TooLarge(f"more than {max_bytes} bytes")
         return buffer.getvalue()

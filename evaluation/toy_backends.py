@@ -31,12 +31,9 @@ class ToyDetector(InstanceDetector):
     ) -> list[list[Detection]]:
         found = []
         for image, wanted in zip(images, labels, strict=True):
+            prompted = set(wanted)
             found.append(
-                [
-                    Detection(tuple(d.box), d.colour, d.score)
-                    for d in detect(image)
-                    if d.colour in set(wanted)
-                ]
+                [Detection(d.box, d.colour, d.score) for d in detect(image) if d.colour in prompted]
             )
         return found
 
@@ -69,5 +66,5 @@ class ToyJudge(InstanceJudge):
                     if not ok
                 ]
                 reason = "saw " + ", ".join(wrong)
-            verdicts.append(Verdict(bool(verdict.success), reason))  # numpy bool: not JSON
+            verdicts.append(Verdict(verdict.success, reason))
         return verdicts

@@ -109,7 +109,9 @@ def verify(image: Image.Image | np.ndarray, instance: ToyInstance) -> Verdict:
     wanted = list(COLOURS).index(instance.colour)
     mine = labels == wanted
     coloured = labels >= 0
-    colour_ok = bool(coloured.any()) and mine.sum() >= 0.4 * coloured.sum() and mine.mean() > 0.05
+    colour_ok = bool(  # a Python bool: verdicts are written as JSON
+        coloured.any() and mine.sum() >= 0.4 * coloured.sum() and mine.mean() > 0.05
+    )
     if not mine.any():
         return Verdict(colour_ok, False, False, None, None)
     predicted_shape = classify_shape(mine)

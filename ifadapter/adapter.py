@@ -216,11 +216,8 @@ class IFAdapter(ModelMixin, ConfigMixin):
         keep = None  # (M, 1, 1)
         if keep_local is not None:
             keep = keep_local.to(self.dtype)[:, None].expand_as(mask)[mask][:, None, None]
-        groups = {}
-        for group in TOKEN_GROUPS:
-            groups[group] = keep
-            if group not in token_groups:
-                groups[group] = words.new_zeros(count, 1, 1)
+        left_out = words.new_zeros(count, 1, 1)
+        groups = {g: keep if g in token_groups else left_out for g in TOKEN_GROUPS}
         dropped = self.config.dropped_description
         parts = []
         if self.resampler is not None:
