@@ -13,15 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-DEMO_LAYOUT = {
-    "caption": "a red circle, a blue striped square and a green triangle",
-    "instances": [
-        {"box": [0.05, 0.1, 0.45, 0.5], "caption": "a red circle"},
-        {"box": [0.5, 0.05, 0.95, 0.55], "caption": "a blue striped square"},
-        {"box": [0.25, 0.55, 0.75, 0.95], "caption": "a green dotted triangle"},
-    ],
-}
-
 
 class UsageError(Exception):
     """Bad input from the user: reported as one line, exit status 2."""
