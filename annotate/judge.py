@@ -34,10 +34,13 @@ SYSTEM = "You check images against descriptions. Answer with the JSON requested 
 
 @dataclass(frozen=True)
 class Verdict:
-    """``answer`` True (yes) or False (no); None with ``reason`` when the reply was unusable."""
+    """``answer`` True (yes) or False (no); None with ``reason`` when the reply was unusable.
+    ``attributes``: what a judge that checks attributes one by one saw of each (e.g. the toy
+    world's exact judge: colour, shape, texture); None for a judge that answers only yes or no."""
 
     answer: bool | None
     reason: str | None = None
+    attributes: dict[str, bool] | None = None
 
 
 def parse_verdict(reply: ChatReply) -> Verdict:

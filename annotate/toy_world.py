@@ -25,8 +25,10 @@ COLOURS = {  # name -> RGB, hues 0/30/55/120/220/280 degrees: far apart after a 
 }
 TEXTURES = ("solid", "striped", "dotted")
 BACKGROUND = (240, 240, 235)
-STRIPE_PERIOD = 6  # pixels at 64 px: three on, three off, so stripes survive a factor-4 VAE
-DOT_PERIOD = 6
+# Pixels at 64 px: half on, half off. A period of 8 px is two cells of the factor-4 latent, so a
+# pattern is something the 16x16 latent can hold (at 6 px it fell between cells).
+STRIPE_PERIOD = 8
+DOT_PERIOD = 8
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,7 @@ def texture_mask(texture: str, width: int, height: int, offset: tuple[int, int])
     if texture == "striped":
         return (ys % STRIPE_PERIOD) < STRIPE_PERIOD // 2
     if texture == "dotted":
-        return ((ys % DOT_PERIOD) < 3) & ((xs % DOT_PERIOD) < 3)
+        return ((ys % DOT_PERIOD) < DOT_PERIOD // 2) & ((xs % DOT_PERIOD) < DOT_PERIOD // 2)
     raise ValueError(f"unknown texture {texture!r}; the world has {TEXTURES}")
 
 

@@ -7,6 +7,9 @@ Otherwise the match's crop goes to every judge with the instance description; "y
 "no" a failure, and an unusable reply a failure that is counted and keeps its reason. Per judge,
 IFS = successes / instances; the overall ``ifs_rate`` is the mean over judges (the paper reports
 each judge; the mean is one number to sort by). Placement is the share of instances matched.
+A judge that checks attributes one by one (the toy world's: colour, shape, texture) also gives
+an attribute rate: the share of all instances that were placed and whose crop shows that
+attribute (mean over such judges), so IFS <= every attribute rate <= placement per judge.
 
 Rates are fractions in [0, 1]; CLIP score is 100 x max(cos, 0) (the usual scale: the paper's
 25.1); FID is the Fréchet distance of Inception pool features (2048-d).
@@ -17,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,9 +93,15 @@ class InstanceRecord:
     iou: float
     placed: bool
     verdicts: dict[str, tuple[bool | None, str | None]] = field(default_factory=dict)
+    # per judge that checks attributes: what it saw of each (None: its verdict was unusable)
+    attributes: dict[str, dict[str, bool] | None] = field(default_factory=dict)
 
     def success(self, judge: str) -> bool:
         return self.placed and self.verdicts.get(judge, (None, None))[0] is True
+
+    def shows(self, judge: str, attribute: str) -> bool:
+        """Placed, and ``judge`` saw ``attribute`` in the matched crop."""
+        return self.placed and (self.attributes.get(judge) or {}).get(attribute) is True
 
     def success_share(self, judges: Sequence[str]) -> float:
         return sum(self.success(j) for j in judges) / len(judges)
@@ -112,7 +121,12 @@ class InstanceRecord:
             "iou": self.iou,
             "placed": self.placed,
             "verdicts": [
-                {"judge": judge, "answer": answer, "reason": reason}
+                {
+                    "judge": judge,
+                    "answer": answer,
+                    "reason": reason,
+                    "attributes": self.attributes.get(judge),
+                }
                 for judge, (answer, reason) in sorted(self.verdicts.items())
             ],
         }
@@ -154,8 +168,30 @@ def _share(records: Sequence[InstanceRecord], judges: Sequence[str]) -> float | 
     return sum(r.success_share(judges) for r in records) / len(records)
 
 
-def ifs_summary(records: Sequence[InstanceRecord], judges: Sequence[str]) -> dict:
-    """IFS per judge and overall, placement, the breakdowns and the unparsable count."""
+def attribute_rates(
+    records: Sequence[InstanceRecord], attributes: Mapping[str, Sequence[str]]
+) -> dict[str, float] | None:
+    """Per attribute, the share of ``records`` placed and seen with it, averaged over the judges
+    of ``attributes`` (judge -> the attributes it checks) that check it; None without such a
+    judge. An unmatched instance or an unusable verdict fails every attribute."""
+    if not attributes or not records:
+        return None
+    names = list(dict.fromkeys(a for checked in attributes.values() for a in checked))
+    rates = {}
+    for name in names:
+        judges = [j for j, checked in attributes.items() if name in checked]
+        shown = sum(r.shows(j, name) for r in records for j in judges)
+        rates[name] = shown / (len(records) * len(judges))
+    return rates
+
+
+def ifs_summary(
+    records: Sequence[InstanceRecord],
+    judges: Sequence[str],
+    attributes: Mapping[str, Sequence[str]] | None = None,
+) -> dict:
+    """IFS per judge and overall, placement, the breakdowns, the attribute rates of the judges
+    in ``attributes`` (judge -> the attributes it checks) and the unparsable count."""
     if not records:
         raise ValueError("no instances to score")
     by_count: dict[int, list[InstanceRecord]] = defaultdict(list)
@@ -176,6 +212,7 @@ def ifs_summary(records: Sequence[InstanceRecord], judges: Sequence[str]) -> dic
             "overlapping": _share([r for r in records if r.overlapping], judges),
             "separate": _share([r for r in records if not r.overlapping], judges),
         },
+        "attributes": attribute_rates(records, attributes or {}),
         "unparsable": sum(
             1 for r in records for answer, _ in r.verdicts.values() if r.placed and answer is None
         ),

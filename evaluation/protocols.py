@@ -42,6 +42,7 @@ BUILTIN: dict[str, dict[str, str]] = {
         "gligen": "evaluation.runners:GLIGENRunner",
         "images": "evaluation.runners:FolderRunner",
         "real": "evaluation.runners:RealRunner",
+        "real-vae": "evaluation.runners:RealVAERunner",
     },
 }
 
@@ -129,15 +130,19 @@ class InstanceJudge(EvaluationBackend, ABC):
     """Says whether a crop shows its description (a VLM at real scale).
 
     ``name`` is the config entry's name (set when the config builds the judge); ``question_version``
-    names the question asked, so that results of different questions are never mixed."""
+    names the question asked, so that results of different questions are never mixed.
+    ``attributes`` names what a judge checks one by one and reports in ``Verdict.attributes``
+    (the toy world's exact judge: colour, shape, texture); empty for a yes/no judge (a VLM)."""
 
     name: str = ""
     question_version: str = ""
+    attributes: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def ask(self, items: Sequence[tuple[Image.Image, str]]) -> list[Verdict]:
         """One verdict per ``(crop, description)``, in order; an unusable reply is a ``Verdict``
-        with ``answer`` None and the reason, never an exception."""
+        with ``answer`` None and the reason, never an exception. A judge with ``attributes``
+        gives each verdict it could read ``Verdict.attributes`` (one bool per name)."""
 
 
 class Runner(EvaluationBackend, ABC):

@@ -8,9 +8,13 @@
                         "ap75", "clip_score", "fid", "ifs_by_count": {"1": rate, ...},
                         "ifs_by_size": {"small", "medium", "large"},
                         "ifs_overlap": {"overlapping", "separate"},
+                        "attributes": {"colour", "shape", "texture"} | null,
                         "images", "instances", "unparsable"}}}
 
 Rates and AP are fractions; a metric switched off (or without instances to measure) is null.
+``attributes`` holds, per attribute a judge checks one by one (the toy world's exact judge does;
+a VLM judge does not, and then it is null), the share of all instances placed and seen with it:
+IFS <= each attribute rate <= placement.
 ``summary_table`` / ``markdown_table`` give the table as rows and as Markdown (what a Prefect
 artifact shows; this package never imports Prefect). ``report.html`` is self-contained: plots are
 inline SVG and images PNG data URIs.
@@ -61,11 +65,13 @@ def _round(value: float | None, digits: int = 2) -> float | None:
 
 
 def summary_table(metrics: Mapping) -> list[dict]:
-    """One row per method: IFS overall and per judge, placement and AP in %, CLIP, FID."""
+    """One row per method: IFS overall and per judge, the attribute rates (when a judge checks
+    attributes), placement and AP in %, CLIP, FID."""
     rows = []
     for name, m in metrics["methods"].items():
         row = {"method": name, "IFS": _percent(m["ifs_rate"])}
         row.update({f"IFS {j}": _percent(v) for j, v in m["ifs_by_judge"].items()})
+        row.update({a: _percent(v) for a, v in (m.get("attributes") or {}).items()})
         row.update(
             {
                 "placement": _percent(m["placement"]),
@@ -313,7 +319,9 @@ def write_report(
         f"<p>Benchmark <code>{html.escape(summary['file'])}</code> (sha256 "
         f"<code>{summary['sha256'][:16]}</code>): {summary['count']} layouts, "
         f"{summary['instances']} instances. IFS, placement and AP in %; CLIP score 100·cos; "
-        "FID against the reference set. Judges: "
+        "FID against the reference set. Where a judge checks attributes one by one, each "
+        "attribute's column is the share of all instances placed and seen with it (between IFS "
+        "and placement). Judges: "
         f"{html.escape(', '.join(metrics['judges']) or 'none')}.</p>",
         _html_table(summary_table(metrics), "Measured on this benchmark"),
     ]

@@ -12,7 +12,8 @@ then each judge, CLIP, FID), so only one model is in memory at once. Everything 
   settings and weights, so a rerun asks only for what is missing;
 - ``fid-<fp>.npy`` beside them and ``fid-reference-<fp>.npy`` in the output: Inception features
   per Inception file (and reference set), the benchmark's most expensive stage on a CPU;
-- ``records/<method>.parquet``: one row per instance (match, IoU, every judge's answer and reason);
+- ``records/<method>.parquet``: one row per instance (match, IoU, every judge's answer and reason,
+  and what a judge that checks attributes one by one saw of each);
 - ``metrics.json`` (the contract in ``evaluation.report``) and the self-contained ``report.html``.
 """
 
@@ -190,14 +191,16 @@ def judge(
     assert config.detector is not None
     layouts = {layout.id: layout for layout in benchmark.layouts}
     for entry in config.judges:
-        key = _digest(
-            {
-                "judge": entry.fingerprint(),
-                "detector": config.detector.fingerprint(),
-                "iou_threshold": config.metrics.iou_threshold,
-                "crop_padding": config.metrics.crop_padding,
-            }
-        )
+        identity = {
+            "judge": entry.fingerprint(),
+            "detector": config.detector.fingerprint(),
+            "iou_threshold": config.metrics.iou_threshold,
+            "crop_padding": config.metrics.crop_padding,
+        }
+        attributes = entry.backend_class().attributes
+        if attributes:  # verdicts cached before attributes were recorded are asked again
+            identity["attributes"] = list(attributes)
+        key = _digest(identity)
         judge_backend = None
         for run in runs:
             path = run.directory / f"verdicts-{entry.name}-{key}.jsonl"
@@ -220,7 +223,12 @@ def judge(
                     items.append((crop, record.caption))
                 verdicts = judge_backend.ask(items)
                 entries = [
-                    {"key": f"{r.layout_id}#{r.index}", "answer": v.answer, "reason": v.reason}
+                    {
+                        "key": f"{r.layout_id}#{r.index}",
+                        "answer": v.answer,
+                        "reason": v.reason,
+                        "attributes": v.attributes,
+                    }
                     for r, v in zip(batch, verdicts, strict=True)
                 ]
                 _append_jsonl(path, entries)
@@ -230,6 +238,8 @@ def judge(
             for record in placed:
                 verdict = cached[f"{record.layout_id}#{record.index}"]
                 record.verdicts[entry.name] = (verdict["answer"], verdict["reason"])
+                if attributes:
+                    record.attributes[entry.name] = verdict.get("attributes")
         del judge_backend
 
 
@@ -367,6 +377,7 @@ def evaluate(
             "ifs_by_count": {},
             "ifs_by_size": {},
             "ifs_overlap": {},
+            "attributes": None,
             "unparsable": 0,
         }
     records: dict[str, list[InstanceRecord]] = {}
@@ -394,8 +405,15 @@ def evaluate(
             with _timed(timings, "judge"):
                 judge(runs, records, config, benchmark, progress)
         judges = [entry.name for entry in config.judges] if config.metrics.ifs else []
+        attributes = {
+            entry.name: entry.backend_class().attributes
+            for entry in config.judges
+            if config.metrics.ifs and entry.backend_class().attributes
+        }
         for run in runs:
-            methods[run.method.name].update(ifs_summary(records[run.method.name], judges))
+            methods[run.method.name].update(
+                ifs_summary(records[run.method.name], judges, attributes)
+            )
             write_records(
                 output / "records" / f"{run.method.name}.parquet", records[run.method.name]
             )

@@ -9,6 +9,8 @@
 - ``images``: another method's images from a folder, keyed by layout id (``image_name``).
 - ``real``: the benchmark's source images (shard bytes, else the ``uri``), checked against their
   SHA-256: the upper bound, scored the same way.
+- ``real-vae``: the same images passed through a base's VAE (encode, the latent mode, decode):
+  the bound any generator that decodes through that VAE can reach.
 
 Every layout gets its own generator seeded from (generation seed, layout id), so an image does
 not depend on which batch it fell in and a resumed run makes the same images.
@@ -23,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -101,6 +104,8 @@ class IFAdapterSettings(BaseModel):
     token_groups: list[Literal["appearance", "eot"]] = Field(
         default_factory=lambda: ["appearance", "eot"], min_length=1
     )
+    # What guidance's unconditional branch keeps of the layout (IFAdapterSDXLPipeline).
+    unconditional_layout: Literal["boxes", "none"] = "boxes"
 
 
 class IFAdapterRunner(DiffusionRunner):
@@ -140,6 +145,7 @@ class IFAdapterRunner(DiffusionRunner):
             ],
             control_ratio=s.control_ratio,
             token_groups=s.token_groups,
+            unconditional_layout=s.unconditional_layout,
             **self._sampling(layouts, seeds),
         ).images
 
@@ -329,4 +335,61 @@ class RealRunner(Runner):
                     f"({layout.source['uri']})"
                 )
             images.append(_rgb(data, layout.source["uri"]))
+        return images
+
+
+class RealVAESettings(RealSettings):
+    base: ModelRef  # an SDXL pipeline directory (diffusers layout): its vae/ subfolder is used
+
+
+class RealVAERunner(RealRunner):
+    """The real images through the base's VAE: encode, take the latent distribution's mode,
+    decode, each image at its own size. The VAE runs in float32 whatever the base is stored in
+    (the toy base is float16) and whatever ``generation.dtype`` says: it is the bound of the VAE,
+    not of a precision."""
+
+    Settings = RealVAESettings
+
+    def __init__(
+        self,
+        settings: RealVAESettings,
+        device: str,
+        generation: GenerationConfig,
+        benchmark: Benchmark,
+    ):
+        from diffusers import AutoencoderKL
+
+        super().__init__(settings, device, generation, benchmark)
+        vae = AutoencoderKL.from_pretrained(settings.base, subfolder="vae", dtype=torch.float32)
+        self.vae = vae.to(device).eval()
+        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    @torch.inference_mode()
+    def _round_trip(self, images: Sequence[Image.Image]) -> list[Image.Image]:
+        """Images of one size, as one batch; a side that is not a multiple of the VAE's factor
+        is padded (edge pixels repeated) and the padding cut off again."""
+        width, height = images[0].size
+        pixels = torch.stack([torch.from_numpy(np.array(image)) for image in images])
+        pixels = pixels.permute(0, 3, 1, 2).float().div(127.5).sub(1).to(self.device)
+        pad_w, pad_h = -width % self.factor, -height % self.factor
+        if pad_w or pad_h:
+            pixels = torch.nn.functional.pad(pixels, (0, pad_w, 0, pad_h), mode="replicate")
+        latents = self.vae.encode(pixels).latent_dist.mode()
+        decoded = self.vae.decode(latents).sample[:, :, :height, :width].clamp(-1, 1)
+        values = ((decoded + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+        return [Image.fromarray(array) for array in values.numpy()]
+
+    def generate(
+        self, layouts: Sequence[BenchmarkLayout], seeds: Sequence[int]
+    ) -> list[Image.Image]:
+        real = super().generate(layouts, seeds)
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for index, image in enumerate(real):
+            by_size.setdefault(image.size, []).append(index)
+        images: list[Image.Image | None] = [None] * len(real)
+        for indices in by_size.values():
+            for index, image in zip(
+                indices, self._round_trip([real[k] for k in indices]), strict=True
+            ):
+                images[index] = image
         return images

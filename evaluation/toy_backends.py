@@ -39,11 +39,13 @@ class ToyDetector(InstanceDetector):
 
 
 class ToyJudge(InstanceJudge):
-    """Yes when the whole crop shows the description's colour, shape and texture. A description
-    the world cannot produce has no answer (recorded with its reason, counted as a failure), as
-    an unreadable VLM reply would."""
+    """Yes when the whole crop shows the description's colour, shape and texture, each of which
+    is also reported on its own (``Verdict.attributes``). A description the world cannot produce
+    has no answer (recorded with its reason, counted as a failure), as an unreadable VLM reply
+    would."""
 
     question_version = QUESTION_VERSION
+    attributes = ("colour", "shape", "texture")
 
     def ask(self, items: Sequence[tuple[Image.Image, str]]) -> list[Verdict]:
         verdicts = []
@@ -66,5 +68,6 @@ class ToyJudge(InstanceJudge):
                     if not ok
                 ]
                 reason = "saw " + ", ".join(wrong)
-            verdicts.append(Verdict(verdict.success, reason))
+            seen = {"colour": verdict.colour, "shape": verdict.shape, "texture": verdict.texture}
+            verdicts.append(Verdict(verdict.success, reason, seen))
         return verdicts

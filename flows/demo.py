@@ -27,11 +27,14 @@ QUICK_TRAIN_WORLD = "toy:seed=1,count=96"
 QUICK_BENCHMARK_WORLD = "toy:seed=2,count=24"
 
 
-def demo_profile(path: Path, quick: bool = False) -> Path:
-    """The demo profile with absolute model paths (and the quick sizes), written to ``path``."""
+def demo_profile(path: Path, quick: bool = False, steps: int | None = None) -> Path:
+    """The demo profile with absolute model paths (and the quick sizes, or ``steps`` training
+    steps), written to ``path``."""
     profile = yaml.safe_load(DEMO_PROFILE.read_text())
     train = profile["train"]
     train["base"] = str(PROJECT / train["base"])
+    if steps is not None:
+        train["max_steps"] = steps
     for method in profile["evaluate"]["methods"]:
         if "base" in method:
             method["base"] = str(PROJECT / method["base"])
@@ -47,13 +50,17 @@ def demo_profile(path: Path, quick: bool = False) -> Path:
     return path
 
 
-def run_demo(out: Path, quick: bool = False) -> dict[str, dict[str, Any]]:
-    """Runs the pipeline flow on the toy world into ``out``; returns each stage's summary."""
+def run_demo(
+    out: Path, quick: bool = False, steps: int | None = None, export: Path | None = None
+) -> dict[str, dict[str, Any]]:
+    """Runs the pipeline flow on the toy world into ``out``; returns each stage's summary.
+    ``export`` receives the trained adapter with the profile and the benchmark's results beside
+    it (how ``models/toy-adapter`` is made)."""
     from flows.pipeline import run_pipeline
 
     out = out.resolve()
     results = run_pipeline(
-        config=demo_profile(out / "demo.yaml", quick),
+        config=demo_profile(out / "demo.yaml", quick, steps),
         input=QUICK_TRAIN_WORLD if quick else TRAIN_WORLD,
         benchmark_input=QUICK_BENCHMARK_WORLD if quick else BENCHMARK_WORLD,
         output=out,
@@ -61,4 +68,19 @@ def run_demo(out: Path, quick: bool = False) -> dict[str, dict[str, Any]]:
     evaluation = results["evaluate"]
     for key, name in (("report_path", "report.html"), ("metrics_path", "metrics.json")):
         shutil.copyfile(evaluation[key], out / name)
+    if export is not None:
+        export_adapter(Path(results["train"]["adapter"]), out, export)
     return results
+
+
+def export_adapter(adapter: Path, out: Path, export: Path) -> None:
+    """The adapter checkpoint plus what made it and what it scored: ``demo.yaml`` (the profile),
+    ``metrics.json`` and ``report.html`` of the benchmark, ``train_metrics.jsonl`` (the curve)."""
+    temporary = export.with_name(f".{export.name}.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    shutil.copytree(adapter, temporary)
+    for name in ("demo.yaml", "metrics.json", "report.html"):
+        shutil.copyfile(out / name, temporary / name)
+    shutil.copyfile(adapter.parent / "metrics.jsonl", temporary / "train_metrics.jsonl")
+    shutil.rmtree(export, ignore_errors=True)
+    temporary.rename(export)

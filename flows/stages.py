@@ -152,7 +152,7 @@ def cache_stage(profile: str, shards: str, output: str, ray_address: str | None)
     _, info = find_cache(config)
     if info is None:
         connect(ray_address)
-        info = build_cache(config)
+        info = build_cache(config, progress=True)
     return {
         "stage": "cache",
         "path": info.path,
@@ -193,7 +193,7 @@ def train_stage(
     if record is not None and record.unchanged(inputs):
         return _skipped(record)
     connect(ray_address)
-    result = train(config)
+    result = train(config, progress=True)
     adapter = Path(result.adapter_dir)
     return _finish(
         "train",
@@ -288,7 +288,7 @@ def evaluate_stage(
     if record is not None and record.unchanged(inputs):
         return _skipped(record)
     connect(ray_address)
-    result = evaluate(config, Path(output))
+    result = evaluate(config, Path(output), progress=True)
     inputs = current()  # with the benchmark a first run built, as a rerun will see it
     files = [Path(result.metrics_path), Path(result.report_path)]
     return _finish(

@@ -311,9 +311,12 @@ class IFAdapter(ModelMixin, ConfigMixin):
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
         subfolder: str | None = None,
+        dtype: torch.dtype | None = None,
         torch_dtype: torch.dtype | None = None,
         **_: object,
     ) -> IFAdapter:
+        """``dtype`` (diffusers' current name) or ``torch_dtype`` (its older one)."""
+        dtype = dtype or torch_dtype
         directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
         weights = os.path.join(directory, WEIGHTS_NAME)
         if not os.path.isfile(weights):
@@ -322,8 +325,8 @@ class IFAdapter(ModelMixin, ConfigMixin):
             )
         adapter = cls.from_config(cls.load_config(directory))
         adapter.load_state_dict(load_file(weights), strict=True)
-        if torch_dtype is not None:
-            adapter.to(torch_dtype)
+        if dtype is not None:
+            adapter.to(dtype)
         return adapter.eval()
 
 

@@ -56,6 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="the short configuration (small worlds, a few steps): checks the mechanics in "
         "minutes, measures nothing",
     )
+    demo.add_argument(
+        "--steps", type=int, default=None, help="training steps (default: the demo profile's)"
+    )
+    demo.add_argument(
+        "--export",
+        type=Path,
+        default=None,
+        help="also write the trained adapter with its profile and benchmark results here "
+        "(how models/toy-adapter is made)",
+    )
 
     generate = commands.add_parser(
         "generate",
@@ -159,8 +169,13 @@ def run_generate(args: argparse.Namespace) -> None:
     layouts = read_layouts(args.layouts)
     if not (args.adapter / "config.json").is_file():
         raise UsageError(f"{args.adapter} is not an IFAdapter checkpoint (no config.json)")
-    adapter = IFAdapter.from_pretrained(args.adapter)
-    pipe = IFAdapterSDXLPipeline.from_pretrained(args.base, adapter=adapter).to(args.device)
+    # One dtype for the whole pipeline: float32 on the CPU (half-precision matmuls are slow or
+    # missing there), float16 elsewhere; a float16 checkpoint would otherwise load its text
+    # encoders in float16 (transformers keeps the stored dtype) beside a float32 UNet.
+    dtype = torch.float32 if torch.device(args.device).type == "cpu" else torch.float16
+    adapter = IFAdapter.from_pretrained(args.adapter, dtype=dtype)
+    pipe = IFAdapterSDXLPipeline.from_pretrained(args.base, adapter=adapter, dtype=dtype)
+    pipe = pipe.to(args.device)
     generator = torch.Generator(args.device).manual_seed(args.seed)
     images = pipe(
         [layout.caption for layout in layouts],
@@ -203,7 +218,9 @@ def run_demo(args: argparse.Namespace) -> None:
 
     started = time.perf_counter()
     try:
-        results = run(args.out, quick=args.quick)
+        if args.steps is not None and args.steps <= 0:
+            raise UsageError(f"--steps must be positive, got {args.steps}")
+        results = run(args.out, quick=args.quick, steps=args.steps, export=args.export)
     except StageFailed as error:
         print(f"ifadapter demo: {error}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -4,14 +4,15 @@ It is a thin subclass: the denoising loop, schedulers, LoRA loading (``load_lora
 ``from_pretrained`` / ``from_single_file`` and everything else are diffusers' own. What it adds
 happens around the stock ``__call__``: the instance descriptions are encoded and turned into
 appearance tokens once, the ISM layers get the conditioning for the whole generation (the
-unconditional branch of guidance keeps only the box embedding), and a step-end callback switches
-the adapter off after the ``control_ratio`` fraction of the steps.
+unconditional branch of guidance keeps only the box embedding, or nothing), and a step-end
+callback switches the adapter off after the ``control_ratio`` fraction of the steps.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Sequence
+from typing import Literal
 
 import torch
 from diffusers import StableDiffusionXLPipeline
@@ -22,6 +23,11 @@ from ifadapter.adapter import TOKEN_GROUPS, IFAdapter
 from ifadapter.attention_processor import InstanceConditioning
 from ifadapter.layout import Instance, Layout, LayoutTensors
 from ifadapter.text import encode_instances
+
+# What the unconditional branch of classifier-free guidance keeps of the layout: "boxes" (each
+# instance's box embedding, as the released code and the training's condition dropout do), or
+# "none" (the adapter is off there, so guidance amplifies the layout as well as the caption).
+UnconditionalLayout = Literal["boxes", "none"]
 
 
 class IFAdapterSDXLPipeline(StableDiffusionXLPipeline):
@@ -93,9 +99,14 @@ class IFAdapterSDXLPipeline(StableDiffusionXLPipeline):
         num_images_per_prompt: int,
         guidance: bool,
         token_groups: Collection[str] = TOKEN_GROUPS,
+        unconditional_layout: UnconditionalLayout = "boxes",
     ) -> InstanceConditioning:
         """The conditioning of a whole generation, in the UNet batch order of the stock pipeline:
         [unconditional, conditional] when guiding, each prompt repeated per image."""
+        if unconditional_layout not in ("boxes", "none"):
+            raise ValueError(
+                f"unconditional_layout must be 'boxes' or 'none', got {unconditional_layout!r}"
+            )
         tensors = LayoutTensors.from_layouts(layouts)
         features = encode_instances(
             [self.tokenizer, self.tokenizer_2],
@@ -113,7 +124,9 @@ class IFAdapterSDXLPipeline(StableDiffusionXLPipeline):
                 token_groups=token_groups,
             )
             tokens = torch.cat([unconditional, tokens])
-            boxes, mask = torch.cat([boxes, boxes]), torch.cat([mask, mask])
+            # No instance in a row: its cells get no instance semantic map at all.
+            unconditional_mask = mask if unconditional_layout == "boxes" else torch.zeros_like(mask)
+            boxes, mask = torch.cat([boxes, boxes]), torch.cat([unconditional_mask, mask])
         return self.adapter.conditioning(tokens, boxes, mask, latent_size)
 
     @torch.no_grad()
@@ -124,6 +137,7 @@ class IFAdapterSDXLPipeline(StableDiffusionXLPipeline):
         *,
         control_ratio: float = 1.0,
         token_groups: Collection[str] = TOKEN_GROUPS,
+        unconditional_layout: UnconditionalLayout = "boxes",
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 30,
@@ -139,7 +153,9 @@ class IFAdapterSDXLPipeline(StableDiffusionXLPipeline):
         all of them; lower values leave the late, detail-forming steps to the base model, which
         helps stylised community checkpoints and LoRAs). ``token_groups`` leaves a group of each
         instance's tokens out (the inference-time ablation, see ``IFAdapter.instance_tokens``).
-        Other arguments are the stock SDXL pipeline's.
+        ``unconditional_layout`` is what guidance's unconditional branch keeps of the layout:
+        "boxes" (the released code's choice) or "none" (the adapter acts in the conditional
+        branch only). Other arguments are the stock SDXL pipeline's.
         """
         if prompt is None:
             raise ValueError(
@@ -162,6 +178,7 @@ class IFAdapterSDXLPipeline(StableDiffusionXLPipeline):
                 num_images_per_prompt,
                 guidance,
                 token_groups,
+                unconditional_layout,
             )
 
         tensor_inputs = callback_on_step_end_tensor_inputs

@@ -128,9 +128,16 @@ def unet_config(size: Size) -> dict:
             norm_num_groups=8,
         )
     if size == "toy":
+        # SDXL's geometry at toy scale: SDXL attends at 1/16 and 1/32 of the image (64x64 and
+        # 32x32 latent cells at 1024 px) and its adapter acts at 32x32, where a box spans 3-19
+        # cells. Here the latent is 16x16 (64 px, factor-4 VAE) and cross-attention runs at
+        # 16x16 and 8x8 (plus the mid block at 4x4), so the adapter at 16x16 sees a toy box
+        # (side 0.25-0.55) as 4-9 cells, its cell mask ~1.35x the box area.
         return dict(
             common,
             sample_size=16,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
             block_out_channels=(32, 64, 128),
             layers_per_block=1,
             attention_head_dim=(2, 4, 8),

@@ -130,6 +130,7 @@ def test_ifs_counts_yes_no_unparsable_and_misplaced():
     assert summary["ifs_by_size"] == {"small": 0.0, "medium": None, "large": pytest.approx(1 / 4)}
     assert summary["ifs_overlap"]["separate"] == 0.0  # the dot only
     assert summary["ifs_overlap"]["overlapping"] == pytest.approx(1 / 4)
+    assert summary["attributes"] is None  # a VLM judge answers only yes or no
     row = records[2].to_row()
     assert row["verdicts"][0]["answer"] is None and row["verdicts"][0]["reason"]
 

@@ -214,3 +214,31 @@ def test_token_groups_drop_one_group_to_its_box_embedding(make_pipeline):
     assert not np.array_equal(images[0], images[1]) and not np.array_equal(images[0], images[2])
     with pytest.raises(ValueError, match="unknown token groups"):
         generate(pipe, token_groups=["words"])
+
+
+def test_unconditional_layout_none_leaves_the_unconditional_branch_to_the_base(make_pipeline):
+    """With "none" the adapter acts only in guidance's conditional half: the unconditional half
+    of every UNet call is the base UNet's output, bit for bit."""
+    pipe = make_pipeline(gate=1.0)
+    layouts = pipe.layouts(TWO.caption, TWO.instances)
+    latent = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    embeds, _, pooled, _ = pipe.encode_prompt(TWO.caption, do_classifier_free_guidance=False)
+    time_ids = torch.tensor([[32.0, 32, 0, 0, 32, 32]]).repeat(2, 1)
+
+    def unet(conditioning):
+        with pipe.adapter.activated(conditioning):
+            return pipe.unet(
+                latent,
+                torch.tensor(500),
+                embeds.repeat(2, 1, 1),
+                added_cond_kwargs={"text_embeds": pooled.repeat(2, 1), "time_ids": time_ids},
+            ).sample
+
+    base = unet(None)
+    none = unet(pipe.instance_conditioning(layouts, (8, 8), 1, True, unconditional_layout="none"))
+    boxes = unet(pipe.instance_conditioning(layouts, (8, 8), 1, True))
+    assert torch.equal(none[0], base[0])
+    assert not torch.equal(boxes[0], base[0])
+    assert torch.equal(none[1], boxes[1])
+    with pytest.raises(ValueError, match="unconditional_layout"):
+        generate(pipe, unconditional_layout="zeros")

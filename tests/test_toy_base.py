@@ -10,12 +10,25 @@ from training.toy_base import BaseTrainingConfig, train_base
 
 def test_train_base_writes_a_loadable_pipeline_and_its_record(tmp_path):
     config = BaseTrainingConfig(
-        pool=48, vae_steps=3, vae_batch=4, unet_steps=3, unet_batch=4, eval_samples=2, eval_steps=2
+        pool=48,
+        vae_steps=3,
+        vae_batch=4,
+        decoder_steps=2,
+        decoder_batch=4,
+        unet_steps=3,
+        unet_batch=4,
+        eval_samples=2,
+        eval_steps=2,
+        round_trip_scenes=4,
     )
     record = train_base(tmp_path, config)
     saved = json.loads((tmp_path / "training_record.json").read_text())
     assert saved["config"] == record["config"] and saved["single_shape_scores"]["samples"] == 2
     assert [entry["stage"] for entry in saved["log"]].count("unet") == 2  # steps 0 and last
+    assert saved["quality_gate"]["passed"] is False  # three steps draw nothing recognisable
+    assert set(saved["quality_gate"]["failed"]) == {"colour", "shape", "texture"}
+    assert set(saved["vae_round_trip"]) == {"psnr", "placement", "ifs", "instances"}
+    assert [entry["stage"] for entry in saved["log"]].count("decoder") == 2
     pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path, torch_dtype=torch.float32)
     assert pipe.vae.config.scaling_factor == record["vae_scaling_factor"]
     assert pipe.unet.config.cross_attention_dim == 128

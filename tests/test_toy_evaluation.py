@@ -29,8 +29,11 @@ def test_toy_judge_and_detector_on_a_render():
         [(crop, circle.caption), (crop, "a red striped square"), (crop, "a cat")]
     )
     assert yes.answer is True
+    assert yes.attributes == {"colour": True, "shape": True, "texture": True}
     assert wrong_shape.answer is False and "shape" in wrong_shape.reason
+    assert wrong_shape.attributes == {"colour": True, "shape": False, "texture": True}
     assert not_toy.answer is None and "unparsable" in not_toy.reason
+    assert not_toy.attributes is None
 
 
 @pytest.fixture(scope="module")

@@ -139,3 +139,19 @@ def test_batch_plan_is_a_function_of_seed_and_step():
     assert first[2:] == [g.initial_seed() for g in plan.generators(5, range(2, 4))]
     with pytest.raises(ValueError, match="no aspect bucket holds a global batch of 16"):
         BatchPlan(buckets, global_batch=16, seed=0)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero_and_enters_the_trajectory(train_config):
+    from training.loop import lr_factor
+
+    config = train_config(warmup_steps=10, max_steps=110, lr_schedule="cosine")
+    factors = [lr_factor(config, step) for step in range(110)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[10] == pytest.approx(1.0) and factors[60] == pytest.approx(0.5)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:], strict=False))
+    assert factors[-1] < 0.001
+    constant = train_config(warmup_steps=10, max_steps=110)
+    assert lr_factor(constant, 100) == 1.0
+    # A cosine run's path depends on where it ends; a constant one's does not.
+    assert config.trajectory()["max_steps"] == 110
+    assert "max_steps" not in constant.trajectory()

@@ -87,7 +87,10 @@ class TrainConfig(_Strict):
     gradient_accumulation: int = Field(1, gt=0)
     lr: float = Field(1e-4, gt=0)
     weight_decay: float = Field(1e-2, ge=0)
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up to lr, then constant")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up to lr, then the schedule")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="after warm-up: constant, or cosine decay to 0 at max_steps"
+    )
     max_grad_norm: float = Field(1.0, gt=0)
     gate_lr_scale: float = Field(
         1.0,
@@ -154,7 +157,8 @@ class TrainConfig(_Strict):
         """The settings that decide what the adapter's weights become, step by step.
 
         A run may be resumed with other values of everything else (more steps, another split of
-        the same global batch over workers and accumulation, other checkpoint intervals).
+        the same global batch over workers and accumulation, other checkpoint intervals); a
+        cosine schedule ends at ``max_steps``, so there the step count is part of the path.
         """
         fields = self.model_dump(
             mode="json",
@@ -178,6 +182,8 @@ class TrainConfig(_Strict):
         )
         fields["base"] = str(Path(self.base).resolve())
         fields["data"] = str(Path(self.data).resolve())
+        if self.lr_schedule == "cosine":
+            fields["max_steps"] = self.max_steps
         return {**fields, "global_batch_size": self.global_batch_size}
 
     def trajectory_digest(self) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -98,6 +99,17 @@ def check_cache(adapter: IFAdapter, info: CacheInfo) -> None:
         )
 
 
+def lr_factor(config: TrainConfig, step: int) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) as a fraction of ``config.lr``."""
+    warmup = config.warmup_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    if config.lr_schedule == "cosine":
+        progress = (step - warmup) / max(config.max_steps - warmup, 1)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return 1.0
+
+
 class AdapterTrainer:
     """One worker's share of a run: frozen base, trainable adapter, optimiser, data position."""
 
@@ -140,9 +152,8 @@ class AdapterTrainer:
             lr=config.lr,
             weight_decay=config.weight_decay,
         )
-        warmup = config.warmup_steps
         self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+            self.optimizer, lambda step: lr_factor(config, step)
         )
         self.ema = (
             EMAModel(parameters, decay=config.ema_decay, foreach=True) if config.ema_decay else None

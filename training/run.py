@@ -78,7 +78,9 @@ class _StepProgress:
 
     def __init__(self, run_dir: Path, total: int, enabled: bool) -> None:
         self.path = run_dir / METRICS_FILE
-        self.bar = tqdm(total=total, desc="training", unit="step", disable=not enabled)
+        self.bar = tqdm(
+            total=total, desc="training", unit="step", disable=not enabled, mininterval=5
+        )
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._follow, daemon=True)
         self.offset = 0
@@ -110,7 +112,11 @@ class _StepProgress:
         if complete:
             last = json.loads(complete[-1])
             self.bar.n = last["step"]
-            self.bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
+            self.bar.set_postfix(
+                loss=f"{last['loss']:.4f}",
+                samples_per_s=f"{last['samples_per_s']:.0f}",
+                refresh=False,
+            )
             self.bar.refresh()
 
 
