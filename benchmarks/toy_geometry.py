@@ -59,7 +59,8 @@ def main() -> None:
     for grid in (4, 8, 16, 32):
         m = measure(grid, args.scenes)
         print(
-            f"{grid:>2}x{grid:<2} {m['cells_per_side_median']:>10.1f} {m['cells_per_side_min']:>5.1f}"
+            f"{grid:>2}x{grid:<2} {m['cells_per_side_median']:>10.1f}"
+            f" {m['cells_per_side_min']:>5.1f}"
             f" {m['mask_over_box_mean']:>14.2f} {m['mask_over_box_median']:>7.2f}"
             f" {m['pairs_sharing_a_cell']:>14.0%} {m['pairs_overlapping']:>12.0%}"
         )
