@@ -11,11 +11,14 @@ the exact verifiers. ``report.html`` and ``metrics.json`` are copied to the top 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from annotate.toy_world import scenes
 
 PROJECT = Path(__file__).resolve().parent.parent
 DEMO_PROFILE = PROJECT / "configs" / "demo.yaml"
@@ -25,6 +28,7 @@ BENCHMARK_WORLD = "toy:seed=2,count=200"  # held out: scenes training never sees
 # The short configuration (CI): every stage for real, on small worlds and a few steps.
 QUICK_TRAIN_WORLD = "toy:seed=1,count=96"
 QUICK_BENCHMARK_WORLD = "toy:seed=2,count=24"
+EXAMPLE_WORLD_SEED = 7  # layouts shipped beside the adapter to try it on
 
 
 def demo_profile(path: Path, quick: bool = False, steps: int | None = None) -> Path:
@@ -73,14 +77,35 @@ def run_demo(
     return results
 
 
+def example_layouts(count: int = 8) -> str:
+    """JSON lines ``ifadapter generate`` reads: multi-instance scenes of a world that neither
+    training nor the benchmark uses."""
+    layouts = [scene for scene in scenes(EXAMPLE_WORLD_SEED, 4 * count) if len(scene.instances) > 1]
+    return "".join(
+        json.dumps(
+            {
+                "caption": scene.caption,
+                "instances": [
+                    {"box": [round(v, 4) for v in i.box], "caption": i.caption}
+                    for i in scene.instances
+                ],
+            }
+        )
+        + "\n"
+        for scene in layouts[:count]
+    )
+
+
 def export_adapter(adapter: Path, out: Path, export: Path) -> None:
     """The adapter checkpoint plus what made it and what it scored: ``demo.yaml`` (the profile),
-    ``metrics.json`` and ``report.html`` of the benchmark, ``train_metrics.jsonl`` (the curve)."""
+    ``metrics.json`` and ``report.html`` of the benchmark, ``train_metrics.jsonl`` (the curve),
+    and ``layouts.jsonl`` to try it on."""
     temporary = export.with_name(f".{export.name}.tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     shutil.copytree(adapter, temporary)
     for name in ("demo.yaml", "metrics.json", "report.html"):
         shutil.copyfile(out / name, temporary / name)
+    (temporary / "layouts.jsonl").write_text(example_layouts())
     shutil.copyfile(adapter.parent / "metrics.jsonl", temporary / "train_metrics.jsonl")
     shutil.rmtree(export, ignore_errors=True)
     temporary.rename(export)

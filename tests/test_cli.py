@@ -3,7 +3,9 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
+from flows.demo import DEMO_PROFILE
 from ifadapter import IFAdapter, tiny
 from ifadapter.cli import main
 from tests.flows_support import flow_env
@@ -16,7 +18,17 @@ def test_quick_demo_writes_the_report_and_metrics(tmp_path):
     temporary local server, ending in the files the README promises."""
     out = tmp_path / "demo"
     done = subprocess.run(
-        [sys.executable, "-m", "ifadapter.cli", "demo", "--out", str(out), "--quick"],
+        [
+            sys.executable,
+            "-m",
+            "ifadapter.cli",
+            "demo",
+            "--out",
+            str(out),
+            "--quick",
+            "--export",
+            str(tmp_path / "adapter"),
+        ],
         cwd=tmp_path,  # the demo must not depend on the directory it is started from
         env=flow_env(),
         capture_output=True,
@@ -26,14 +38,20 @@ def test_quick_demo_writes_the_report_and_metrics(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "demo finished" in done.stdout
     metrics = json.loads((out / "metrics.json").read_text())
-    names = {"base", "ifadapter", "ifadapter-no-appearance", "ifadapter-no-eot", "real"}
-    assert set(metrics["methods"]) == names
+    profile = yaml.safe_load(DEMO_PROFILE.read_text())
+    names = {method["name"] for method in profile["evaluate"]["methods"]}
+    assert set(metrics["methods"]) == names and {"base", "ifadapter", "real-vae"} <= names
     for values in metrics["methods"].values():
         assert 0 <= values["ifs_rate"] <= 1 and 0 <= values["placement"] <= 1
         assert values["ap"] is not None and values["instances"] > 0
     assert metrics["methods"]["real"]["placement"] == 1.0
     html = (out / "report.html").read_text()
     assert all(name in html for name in names)
+    exported = tmp_path / "adapter"  # --export: the adapter with what made it and what it scored
+    assert IFAdapter.from_pretrained(exported).config.layers
+    files = ("demo.yaml", "metrics.json", "report.html", "train_metrics.jsonl", "layouts.jsonl")
+    for name in files:
+        assert (exported / name).is_file(), name
 
 
 def test_generate_from_a_layout_file(tmp_path, base_dir, components):
