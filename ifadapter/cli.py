@@ -27,6 +27,13 @@ def _generation_args(parser: argparse.ArgumentParser) -> None:
         default=1.0,
         help="fraction of steps the adapter acts in (default 1.0)",
     )
+    parser.add_argument(
+        "--unconditional-layout",
+        choices=("boxes", "none"),
+        default="boxes",
+        help="what guidance's unconditional branch keeps of the layout: the box embeddings "
+        "(the released code's choice, default) or nothing (guidance then amplifies the layout)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-images", type=int, default=1, help="images per layout")
     parser.add_argument("--height", type=int, default=None)
@@ -181,6 +188,7 @@ def run_generate(args: argparse.Namespace) -> None:
         [layout.caption for layout in layouts],
         [layout.instances for layout in layouts],
         control_ratio=args.control_ratio,
+        unconditional_layout=args.unconditional_layout,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
         num_images_per_prompt=args.num_images,

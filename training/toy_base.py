@@ -74,6 +74,13 @@ def to_tensor(images: list) -> torch.Tensor:
     return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1
 
 
+def log_psnr(log: list, progress: tqdm, stage: str, step: int, mse: float) -> None:
+    """PSNR of images in [-1, 1] (peak-to-peak 2) into the record and the progress bar."""
+    psnr = float(10 * math.log10(4 / mse))
+    log.append({"stage": stage, "step": step, "psnr": psnr})
+    progress.set_postfix(psnr=f"{psnr:.1f} dB", refresh=False)
+
+
 def train_vae(vae, pixels: torch.Tensor, config: BaseTrainingConfig, log: list) -> None:
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr)
@@ -89,9 +96,7 @@ def train_vae(vae, pixels: torch.Tensor, config: BaseTrainingConfig, log: list) 
         loss.backward()
         optimizer.step()
         if step % 100 == 0 or step == config.vae_steps - 1:
-            psnr = float(10 * math.log10(4 / mse.item()))
-            log.append({"stage": "vae", "step": step, "psnr": psnr})
-            progress.set_postfix(psnr=f"{psnr:.1f} dB", refresh=False)
+            log_psnr(log, progress, "vae", step, mse.item())
     vae.eval().requires_grad_(False)
 
 
@@ -120,9 +125,7 @@ def train_decoder(vae, pixels: torch.Tensor, config: BaseTrainingConfig, log: li
         optimizer.step()
         schedule.step()
         if step % 100 == 0 or step == config.decoder_steps - 1:
-            psnr = float(10 * math.log10(4 / mse.item()))
-            log.append({"stage": "decoder", "step": step, "psnr": psnr})
-            progress.set_postfix(psnr=f"{psnr:.1f} dB", refresh=False)
+            log_psnr(log, progress, "decoder", step, mse.item())
     vae.eval().requires_grad_(False)
 
 
