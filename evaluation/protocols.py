@@ -138,6 +138,15 @@ class InstanceJudge(EvaluationBackend, ABC):
     question_version: str = ""
     attributes: ClassVar[tuple[str, ...]] = ()
 
+    @classmethod
+    def fingerprint(cls, settings: BaseModel) -> dict:
+        """A judge's identity names the attributes it reports: verdicts cached before they
+        were recorded are asked again. Yes/no judges keep their identity as it was."""
+        identity = super().fingerprint(settings)
+        if cls.attributes:
+            identity["attributes"] = list(cls.attributes)
+        return identity
+
     @abstractmethod
     def ask(self, items: Sequence[tuple[Image.Image, str]]) -> list[Verdict]:
         """One verdict per ``(crop, description)``, in order; an unusable reply is a ``Verdict``

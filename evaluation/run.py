@@ -191,16 +191,15 @@ def judge(
     assert config.detector is not None
     layouts = {layout.id: layout for layout in benchmark.layouts}
     for entry in config.judges:
-        identity = {
-            "judge": entry.fingerprint(),
-            "detector": config.detector.fingerprint(),
-            "iou_threshold": config.metrics.iou_threshold,
-            "crop_padding": config.metrics.crop_padding,
-        }
+        key = _digest(
+            {
+                "judge": entry.fingerprint(),
+                "detector": config.detector.fingerprint(),
+                "iou_threshold": config.metrics.iou_threshold,
+                "crop_padding": config.metrics.crop_padding,
+            }
+        )
         attributes = entry.backend_class().attributes
-        if attributes:  # verdicts cached before attributes were recorded are asked again
-            identity["attributes"] = list(attributes)
-        key = _digest(identity)
         judge_backend = None
         for run in runs:
             path = run.directory / f"verdicts-{entry.name}-{key}.jsonl"

@@ -29,18 +29,18 @@ def shapes_image(
             draw.ellipse(corners, fill=COLOURS[colour])
         else:
             draw.rectangle(corners, fill=COLOURS[colour])
+    return png(image)
+
+
+def png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def shapes_row(
-    image_id: str,
-    instances: list[tuple[tuple[float, ...], str, str]],
-    width: int = 64,
-    height: int = 64,
-) -> dict:
-    data = shapes_image(width, height, instances)
+def image_row(image_id: str, data: bytes, width: int, height: int, **annotation) -> dict:
+    """A shard row of PNG ``data`` held in the row; ``annotation`` gives the annotated columns
+    (caption, tags, instances, annotator)."""
     return {
         "image_id": image_id,
         "sha256": hashlib.sha256(data).hexdigest(),
@@ -49,14 +49,29 @@ def shapes_row(
         "image": data,
         "width": width,
         "height": height,
-        "caption": " and ".join(f"a {colour} {shape}" for _, colour, shape in instances),
-        "tags": sorted({shape for _, _, shape in instances}),
-        "instances": [
+        **annotation,
+    }
+
+
+def shapes_row(
+    image_id: str,
+    instances: list[tuple[tuple[float, ...], str, str]],
+    width: int = 64,
+    height: int = 64,
+) -> dict:
+    return image_row(
+        image_id,
+        shapes_image(width, height, instances),
+        width,
+        height,
+        caption=" and ".join(f"a {colour} {shape}" for _, colour, shape in instances),
+        tags=sorted({shape for _, _, shape in instances}),
+        instances=[
             {"box": list(box), "label": shape, "score": 0.9, "caption": f"a {colour} {shape}"}
             for box, colour, shape in instances
         ],
-        "annotator": json.dumps({"oracle": "tests.shard_factory"}),
-    }
+        annotator=json.dumps({"oracle": "tests.shard_factory"}),
+    )
 
 
 def default_rows(count: int = 4) -> list[dict]:

@@ -3,8 +3,6 @@ exact judge carried from its verdicts to metrics.json, the records and report.ht
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 
 import numpy as np
@@ -21,7 +19,7 @@ from evaluation.protocols import resolve
 from evaluation.run import evaluate
 from evaluation.runners import RealRunner, RealVAERunner, image_name
 from ifadapter import tiny
-from tests.shard_factory import write_dataset
+from tests.shard_factory import image_row, png, write_dataset
 
 # Striped and dotted, well separated instances: every attribute is exact on the renders.
 SCENES = [
@@ -41,32 +39,22 @@ SCENES = [
 ]
 
 
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def toy_row(image_id: str, scene: ToyScene, image: Image.Image | None = None) -> dict:
     """A shard row as the oracle annotates a toy render (label = colour)."""
     image = render(scene) if image is None else image
-    data = png(image)
-    return {
-        "image_id": image_id,
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "source": "tests",
-        "uri": f"memory://{image_id}.png",
-        "image": data,
-        "width": image.width,
-        "height": image.height,
-        "caption": scene.caption,
-        "tags": sorted({i.colour for i in scene.instances}),
-        "instances": [
+    return image_row(
+        image_id,
+        png(image),
+        image.width,
+        image.height,
+        caption=scene.caption,
+        tags=sorted({i.colour for i in scene.instances}),
+        instances=[
             {"box": list(i.box), "label": i.colour, "score": 1.0, "caption": i.caption}
             for i in scene.instances
         ],
-        "annotator": json.dumps({"oracle": "tests.test_eval_attributes"}),
-    }
+        annotator=json.dumps({"oracle": "tests.test_eval_attributes"}),
+    )
 
 
 @pytest.fixture(scope="module")
