@@ -31,7 +31,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument(
         "--ray-address",
-        help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray on this machine)",
+        help="Ray cluster to join: auto, host:port or ray://host:port (default: RAY_ADDRESS, "
+        "else a local Ray on this machine)",
     )
     parser.add_argument("--export-coco", type=Path, help="also write the dataset as COCO JSON")
     parser.set_defaults(runner=run)

@@ -1,4 +1,4 @@
-"""The ``annotate:`` section of a YAML profile, validated on load (DESIGN.md section 4).
+"""The ``annotate:`` section of a YAML profile, validated on load (docs/design.md, contracts).
 
 A profile file may hold sections for other stages beside this one; ``load_config`` reads only
 ``annotate``. Each model stage (tagger, detector, captioner) names its backend and carries that

@@ -49,9 +49,17 @@ class RunSummary:
 
     def lines(self) -> list[str]:
         reasons = ", ".join(f"{code} {n}" for code, n in sorted(self.quarantined.items()))
+        done = self.inputs - self.processed
+        if self.processed == 0:
+            first = f"all {self.inputs} inputs were already annotated: nothing to do"
+        else:
+            first = (
+                f"{self.processed} of {self.inputs} inputs annotated in {self.seconds:.1f}s "
+                f"({self.images_per_second:.2f} images/s)"
+                + (f"; {done} were already done" if done else "")
+            )
         return [
-            f"{self.processed} of {self.inputs} inputs annotated in {self.seconds:.1f}s "
-            f"({self.images_per_second:.2f} images/s)",
+            first,
             f"{self.rows} rows, {sum(self.quarantined.values())} quarantined"
             + (f" ({reasons})" if reasons else ""),
             f"dataset: {self.output}",

@@ -1,6 +1,6 @@
 """VLM judges: a yes/no question about a crop, asked through any ``VLMClient``.
 
-The IFG benchmark's instance feature success (DESIGN.md section 2) asks a VLM whether the crop
+The IFG benchmark's instance feature success (docs/design.md) asks a VLM whether the crop
 of a generated instance shows its description, with several judges (Qwen-VL, InternVL, ...).
 A judge here is only a question and a parser on top of the captioners' clients: the same HTTP
 client with its retries and timeouts, the same in-process backend for tests. The answer is

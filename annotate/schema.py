@@ -1,8 +1,10 @@
-"""The shard contract between the data engine, training and evaluation (DESIGN.md section 4).
+"""The shard contract between the data engine, training and evaluation (docs/design.md, contracts).
 
 One Parquet row per image. A dataset directory holds the shards, a ``_manifest.json`` listing
-them with row counts and checksums, and a ``quarantine/`` table of inputs that could not be
-used, so that inputs = rows + quarantined can always be checked. Writers may add columns (COCO's
+them with row counts and checksums, and a ``_quarantine/`` table of inputs that could not be
+used, so that inputs = rows + quarantined can always be checked. The leading underscore (like
+the manifest's) is what pyarrow, pandas, DuckDB's hive reader, Ray Data and Spark skip, so the
+directory reads as the dataset alone with any standard reader. Writers may add columns (COCO's
 own boxes, for instance); readers rely on the required ones below only.
 """
 
@@ -17,7 +19,8 @@ from pathlib import Path
 import pyarrow as pa
 
 MANIFEST_NAME = "_manifest.json"
-QUARANTINE_DIR = "quarantine"
+QUARANTINE_DIR = "_quarantine"
+LEGACY_QUARANTINE_DIR = "quarantine"  # before 2026-11-26; moved by migrate_quarantine
 SCHEMA_VERSION = 1
 
 INSTANCE_TYPE = pa.struct(
@@ -145,3 +148,21 @@ class Manifest:
                 raise SchemaError(f"{path} is listed in the manifest but missing")
             if file_sha256(path) != entry.sha256:
                 raise SchemaError(f"{path} does not match its manifest checksum")
+
+
+def migrate_quarantine(directory: str | os.PathLike) -> bool:
+    """Moves a dataset written before the rename (``quarantine/``, which every reader took for
+    part of the dataset) to ``_quarantine/``, its manifest's paths with it; True if it moved."""
+    directory = Path(directory)
+    old, new = directory / LEGACY_QUARANTINE_DIR, directory / QUARANTINE_DIR
+    if not old.is_dir() or new.exists():
+        return False
+    os.replace(old, new)
+    if (directory / MANIFEST_NAME).is_file():
+        manifest = Manifest.read(directory)
+        prefix = LEGACY_QUARANTINE_DIR + "/"
+        for entry in manifest.quarantine:
+            if entry.path.startswith(prefix):
+                entry.path = QUARANTINE_DIR + "/" + entry.path[len(prefix) :]
+        manifest.write(directory)
+    return True

@@ -29,6 +29,7 @@ from annotate.schema import (
     Manifest,
     ShardEntry,
     file_sha256,
+    migrate_quarantine,
 )
 
 SHARD_NAME = "shard-{:05d}.parquet"
@@ -46,8 +47,9 @@ def shard_schema(extra_schema: pa.Schema) -> pa.Schema:
 
 
 def write_atomic(table: pa.Table, path: Path) -> None:
-    """Parquet to a temporary name, synced, then renamed over ``path``."""
-    temporary = path.with_name(path.name + ".tmp")
+    """Parquet to a temporary name, synced, then renamed over ``path``. The temporary name is
+    hidden (a leading dot), so a reader of the dataset never picks up a half-written file."""
+    temporary = path.with_name(f".{path.name}.tmp")
     with open(temporary, "wb") as handle:
         pq.write_table(table, handle)
         handle.flush()
@@ -58,10 +60,12 @@ def write_atomic(table: pa.Table, path: Path) -> None:
 class ShardWriter:
     def __init__(self, directory: Path, extra_schema: pa.Schema, annotator: dict):
         self.directory = directory
+        migrate_quarantine(directory)
         self.quarantine_dir = directory / QUARANTINE_DIR
         self.quarantine_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in [*directory.glob("*.tmp"), *self.quarantine_dir.glob("*.tmp")]:
-            leftover.unlink()
+        for folder in (directory, self.quarantine_dir):
+            for leftover in [*folder.glob("*.tmp"), *folder.glob(".*.tmp")]:
+                leftover.unlink()
         self.schema = shard_schema(extra_schema)
         self.annotator = annotator
         self.annotator_json = json.dumps(annotator, sort_keys=True)

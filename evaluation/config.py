@@ -1,4 +1,4 @@
-"""The ``evaluate:`` section of a YAML profile, validated on load (DESIGN.md sections 2 and 4).
+"""The ``evaluate:`` section of a YAML profile, validated on load (docs/design.md).
 
 The detector, every judge and every method name a backend (a short name or ``"module:Class"``,
 see ``evaluation.protocols``) and carry that backend's own settings beside it; the backend's

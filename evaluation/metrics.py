@@ -1,4 +1,4 @@
-"""The IFG metrics (DESIGN.md section 2): IFS rate, placement, Grounding-DINO AP, CLIP score, FID.
+"""The IFG metrics (docs/design.md): IFS rate, placement, Grounding-DINO AP, CLIP score, FID.
 
 IFS, exactly as the benchmark defines it: the detector runs on the generated image prompted with
 the layout's labels; among the detections of an instance's label, the one with the highest IoU
@@ -202,6 +202,7 @@ def ifs_summary(
     placement = sum(r.placed for r in records) / len(records)
     if not judges:
         return {"placement": placement}
+    overlapping = sum(r.overlapping for r in records)
     return {
         "ifs_rate": _share(records, judges),
         "ifs_by_judge": {j: sum(r.success(j) for r in records) / len(records) for j in judges},
@@ -211,6 +212,12 @@ def ifs_summary(
         "ifs_overlap": {
             "overlapping": _share([r for r in records if r.overlapping], judges),
             "separate": _share([r for r in records if not r.overlapping], judges),
+        },
+        # Instances in each group of the breakdowns: a group without any shows n=0, not a gap.
+        "group_sizes": {
+            "ifs_by_count": {str(n): len(by_count[n]) for n in sorted(by_count)},
+            "ifs_by_size": {name: len(by_size.get(name, [])) for name in SIZE_NAMES},
+            "ifs_overlap": {"overlapping": overlapping, "separate": len(records) - overlapping},
         },
         "attributes": attribute_rates(records, attributes or {}),
         "unparsable": sum(

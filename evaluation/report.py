@@ -33,14 +33,14 @@ from PIL import Image, ImageDraw
 
 from evaluation.config import ReportConfig
 from ifadapter.layout import Instance, Layout
-from ifadapter.visualize import PALETTE, draw_layout
+from ifadapter.visualize import draw_layout
 
 if TYPE_CHECKING:
     from evaluation.benchmark import Benchmark
     from evaluation.metrics import InstanceRecord
     from evaluation.run import MethodRun
 
-# DESIGN.md section 2: the paper's Table 1 (IFS Qwen/InternVL/CogVLM in %, AP, CLIP, FID).
+# docs/design.md: the paper's Table 1 (IFS Qwen/InternVL/CogVLM in %, AP, CLIP, FID).
 PAPER_TABLE1: list[dict] = [
     {"method": m, "IFS Qwen": q, "IFS InternVL": i, "IFS CogVLM": c, "AP": a, "CLIP": s, "FID": f}
     for m, q, i, c, a, s, f in (
@@ -54,6 +54,8 @@ PAPER_TABLE1: list[dict] = [
     )
 ]
 MIN_SIDE = 192  # gallery images are enlarged (nearest) to at least this side
+# Bar colours of the plots, one per method.
+PALETTE = ("#4363d8", "#f58231", "#3cb44b", "#e6194b", "#911eb4", "#42d4f4", "#f032e6", "#9a6324")
 
 
 def _percent(value: float | None) -> float | None:
@@ -167,11 +169,15 @@ def bar_chart(
 
 
 def _breakdown(metrics: Mapping, key: str) -> tuple[list[str], dict[str, list[float | None]]]:
+    """The groups of one breakdown, labelled with their instance counts, and each method's
+    rates; every method has the same instances, so the first method's counts serve."""
     methods = metrics["methods"]
     groups = list(dict.fromkeys(g for m in methods.values() for g in m[key]))
     if key == "ifs_by_count":
         groups.sort(key=int)
-    return groups, {name: [m[key].get(g) for g in groups] for name, m in methods.items()}
+    sizes = next(iter(methods.values())).get("group_sizes", {}).get(key, {})
+    labels = [f"{g} (n={sizes[g]})" if g in sizes else g for g in groups]
+    return labels, {name: [m[key].get(g) for g in groups] for name, m in methods.items()}
 
 
 def data_uri(image: Image.Image) -> str:
@@ -181,18 +187,17 @@ def data_uri(image: Image.Image) -> str:
 
 
 def annotated(image: Image.Image, layout: Layout, failed: Sequence[int]) -> Image.Image:
-    """The image enlarged for viewing, boxes drawn, each failed instance crossed out."""
-    scale = max(1, -(-MIN_SIDE // min(image.size)))
-    if scale > 1:
-        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    canvas = draw_layout(image, layout, labels=False)
+    """The image enlarged for viewing, boxes drawn and numbered as in the legend, each failed
+    instance crossed out (black and white, like the boxes: never a hue that is being judged)."""
+    canvas = draw_layout(image, layout, labels=False, min_side=MIN_SIDE)
     draw = ImageDraw.Draw(canvas)
+    w, h = canvas.size
     for index in failed:
         x0, y0, x1, y1 = layout.instances[index].box
-        w, h = canvas.size
         corners = (x0 * w, y0 * h, x1 * w - 1, y1 * h - 1)
-        draw.line(corners, fill="#ff0000", width=3)
-        draw.line((corners[0], corners[3], corners[2], corners[1]), fill="#ff0000", width=3)
+        for colour, width in (("black", 5), ("white", 2)):
+            draw.line(corners, fill=colour, width=width)
+            draw.line((corners[0], corners[3], corners[2], corners[1]), fill=colour, width=width)
     return canvas
 
 
@@ -224,9 +229,8 @@ def _gallery(
     for layout in benchmark.layouts[:count]:
         drawn = Layout(layout.caption, [Instance(i.box, i.caption) for i in layout.instances])
         legend = "".join(
-            f'<li style="color:{PALETTE[k % len(PALETTE)]}">{html.escape(i.caption)} '
-            f"<small>[{html.escape(i.label)}]</small></li>"
-            for k, i in enumerate(layout.instances)
+            f"<li>{html.escape(i.caption)} <small>[{html.escape(i.label)}]</small></li>"
+            for i in layout.instances
         )
         cells = []
         for name, run in runs.items():
@@ -261,6 +265,8 @@ caption{text-align:left;font-weight:bold;padding:4px 0}
 .row{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0;max-width:260px}
 figure ul{padding-left:1.2em;margin:2px 0;color:#b00;font-size:12px}
 .layout{border-top:1px solid #ddd;margin-top:1em}.reported{color:#555}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:2px 12px;font-size:14px}
+dt{font-weight:bold}dd{margin:0}
 """
 
 
@@ -297,10 +303,55 @@ def findings(metrics: Mapping) -> list[str]:
 
 
 def markdown_summary(metrics: Mapping) -> str:
-    """The method table and the findings, as Markdown (a flow's artifact, the demo's output)."""
+    """The method table, what its dashes stand for and the findings, as Markdown (a flow's
+    artifact, the demo's output)."""
     text = markdown_table(summary_table(metrics))
+    missing = metrics.get("not_computed") or {}
+    if missing:
+        text += "\n\n– not computed: " + "; ".join(f"{k}: {v}" for k, v in missing.items())
     found = findings(metrics)
     return text + ("\n\n" + "\n".join(f"- {f}" for f in found) if found else "")
+
+
+def _reading_guide(metrics: Mapping) -> str:
+    """What each column means and why a cell shows "–": the page explains itself to someone who
+    has not read the project's docs."""
+    iou = metrics.get("iou_threshold", 0.5)
+    terms = [
+        (
+            "IFS",
+            "instance feature success: the share of all instances that the detector finds in "
+            f"their box (IoU at least {iou:g}) and that the judge says show their description "
+            "(the mean over judges; one column per judge beside it)",
+        ),
+        (
+            "placement",
+            f"the share of all instances found in their box (IoU at least {iou:g}), whatever "
+            "they look like: IFS can never exceed it",
+        ),
+        (
+            "colour, shape, texture",
+            "where a judge checks attributes one by one: the share of all instances placed and "
+            "seen with that attribute (between IFS and placement)",
+        ),
+        ("AP, AP50, AP75", "COCO-style detection AP of the layout's boxes, in %"),
+        ("CLIP", "CLIP score of the image against the global caption (100·cos)"),
+        ("FID", "Fréchet Inception distance to the reference images (lower is better)"),
+        ("unparsable", "judge replies that were not a usable yes or no (counted as failures)"),
+    ]
+    items = "".join(f"<dt>{html.escape(t)}</dt><dd>{html.escape(d)}</dd>" for t, d in terms)
+    missing = metrics.get("not_computed") or {}
+    dashes = "".join(
+        f"<li><b>{html.escape(name)}</b>: {html.escape(reason)}</li>"
+        for name, reason in missing.items()
+    )
+    return (
+        "<details open><summary>How to read this table</summary><dl>"
+        + items
+        + "</dl><p>Rates are in % of the benchmark's instances. A “–” is a metric not computed"
+        + (f" here:</p><ul>{dashes}</ul>" if dashes else ".</p>")
+        + "</details>"
+    )
 
 
 def write_report(
@@ -318,12 +369,10 @@ def write_report(
         f"<style>{STYLE}</style></head><body><h1>IFG benchmark</h1>",
         f"<p>Benchmark <code>{html.escape(summary['file'])}</code> (sha256 "
         f"<code>{summary['sha256'][:16]}</code>): {summary['count']} layouts, "
-        f"{summary['instances']} instances. IFS, placement and AP in %; CLIP score 100·cos; "
-        "FID against the reference set. Where a judge checks attributes one by one, each "
-        "attribute's column is the share of all instances placed and seen with it (between IFS "
-        "and placement). Judges: "
+        f"{summary['instances']} instances. Judges: "
         f"{html.escape(', '.join(metrics['judges']) or 'none')}.</p>",
         _html_table(summary_table(metrics), "Measured on this benchmark"),
+        _reading_guide(metrics),
     ]
     found = findings(metrics)
     if found:

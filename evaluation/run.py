@@ -342,6 +342,26 @@ def write_records(path: Path, records: Sequence[InstanceRecord]) -> None:
     temporary.replace(path)
 
 
+def not_computed(config: EvaluateConfig) -> dict[str, str]:
+    """Each metric the profile leaves out, with why: what a "–" in the report stands for."""
+    reasons = {}
+    if config.detector is None:
+        reasons["placement"] = reasons["ap"] = "no detector in the profile's evaluate: section"
+    if not config.metrics.ifs:
+        reasons["ifs"] = "switched off (metrics.ifs: false)"
+    elif config.detector is None:
+        reasons["ifs"] = reasons["placement"]
+    elif not config.judges:
+        reasons["ifs"] = "no judge in the profile's evaluate: section"
+    if not config.metrics.ap and "ap" not in reasons:
+        reasons["ap"] = "switched off (metrics.ap: false)"
+    if config.metrics.clip is None:
+        reasons["clip"] = "switched off (metrics.clip: null, no CLIP model named)"
+    if config.metrics.fid is None:
+        reasons["fid"] = "switched off (metrics.fid: null, no Inception weights named)"
+    return reasons
+
+
 def evaluate(
     config: EvaluateConfig | str | Path, output: Path, progress: bool = False
 ) -> EvaluationResult:
@@ -427,6 +447,8 @@ def evaluate(
 
     metrics = {
         "benchmark": benchmark.summary(),
+        "iou_threshold": config.metrics.iou_threshold,
+        "not_computed": not_computed(config),
         "judges": {
             entry.name: {"backend": entry.backend, **entry.fingerprint()["settings"]}
             for entry in config.judges

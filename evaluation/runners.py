@@ -37,6 +37,7 @@ from annotate.config import ModelRef
 from evaluation.benchmark import Benchmark, BenchmarkLayout
 from evaluation.config import GenerationConfig
 from evaluation.protocols import Runner
+from ifadapter.base_model import check_base
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
@@ -126,7 +127,7 @@ class IFAdapterRunner(DiffusionRunner):
             raise ValueError(f"{settings.adapter} is not an IFAdapter checkpoint (no config.json)")
         adapter = IFAdapter.from_pretrained(settings.adapter, dtype=self.dtype)
         pipe = IFAdapterSDXLPipeline.from_pretrained(
-            settings.base, adapter=adapter, dtype=self.dtype
+            check_base(settings.base), adapter=adapter, dtype=self.dtype
         )
         if settings.lora is not None:
             pipe.load_lora_weights(settings.lora, adapter_name="method")
@@ -172,7 +173,9 @@ class SDXLRunner(DiffusionRunner):
         from diffusers import StableDiffusionXLPipeline
 
         super().__init__(settings, device, generation, benchmark)
-        pipe = StableDiffusionXLPipeline.from_pretrained(settings.base, dtype=self.dtype)
+        pipe = StableDiffusionXLPipeline.from_pretrained(
+            check_base(settings.base), dtype=self.dtype
+        )
         self.pipe = self._ready(pipe)
 
     def generate(
@@ -360,7 +363,9 @@ class RealVAERunner(RealRunner):
         from diffusers import AutoencoderKL
 
         super().__init__(settings, device, generation, benchmark)
-        vae = AutoencoderKL.from_pretrained(settings.base, subfolder="vae", dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(
+            check_base(settings.base), subfolder="vae", dtype=torch.float32
+        )
         self.vae = vae.to(device).eval()
         self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
 

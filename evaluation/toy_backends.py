@@ -1,6 +1,6 @@
 """The toy world's exact verifiers as the benchmark's detector and judge.
 
-With them, the IFG metrics run unchanged on the toy world (DESIGN.md section 6): the detector
+With them, the IFG metrics run unchanged on the toy world (docs/toy-world.md): the detector
 finds each colour's connected regions where Grounding-DINO would find the prompted labels (an
 instance's label is its colour, as the oracle annotator writes it), and the judge checks the
 matched crop's colour, shape and texture where a VLM would answer yes or no. Neither loads a

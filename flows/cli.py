@@ -28,8 +28,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "--ray-address",
         default=None,
-        help="Ray cluster to join: auto, host:port or ray://host:port (default: RAY_ADDRESS, "
-        "else a local Ray)",
+        help="Ray cluster: auto, host:port or ray://host:port to join it, or a job server "
+        "http://head:8265 to submit each stage to as a Ray job (default: RAY_ADDRESS, else a "
+        "local Ray on this machine)",
     )
     parser.add_argument(
         "--stages",

@@ -1,4 +1,4 @@
-"""``ifadapter demo``: the whole pipeline on the toy world (DESIGN.md section 6).
+"""``ifadapter demo``: the whole pipeline on the toy world (docs/toy-world.md).
 
 The demo profile (``configs/demo.yaml``) names the shipped toy base relative to the project.
 The demo writes a copy of it into the output directory with those paths made absolute, so the

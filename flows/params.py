@@ -107,6 +107,12 @@ class PipelineParams(BaseModel):
             manifest = self.shards_dir / "_manifest.json"
             if not manifest.is_file():
                 raise ValueError(f"{self.shards_dir} is not a shard dataset (no {manifest.name})")
+        if "annotate" in chosen:
+            _check_source("input", self.input)
+        if self.benchmark_input:
+            _check_source("benchmark_input", self.benchmark_input)
+        elif "evaluate" in chosen:
+            _check_benchmark(self.config, document["evaluate"])
         self._present = present
         return self
 
@@ -156,3 +162,30 @@ def check_params(**values: object) -> PipelineParams:
             for e in error.errors()
         )
         raise ValueError(f"invalid pipeline parameters: {faults}") from None
+
+
+def _check_source(name: str, value: str) -> None:
+    """The input opens as a source (a folder that exists, a COCO file, a URI list, a toy
+    world): the same check the annotate stage makes first, made before anything starts."""
+    from annotate.sources import SourceError, open_source
+
+    try:
+        open_source(value)
+    except SourceError as error:
+        raise ValueError(f"{name}: {error}") from None
+
+
+def _check_benchmark(config: str, section: dict) -> None:
+    """Without ``benchmark_input`` the evaluate: section's own benchmark is used: its file, or
+    the shards it is built from, must exist before the run starts."""
+    benchmark = section.get("benchmark") or {}
+    file, shards = benchmark.get("file"), benchmark.get("shards")
+    if file and Path(file).is_file():
+        return
+    if shards and (Path(shards) / "_manifest.json").is_file():
+        return
+    raise ValueError(
+        f"config {config}: the evaluate: section's benchmark {file} does not exist and its "
+        f"shards {shards} are not a shard dataset; give benchmark_input (--benchmark-input: "
+        "images to annotate into the benchmark) or build the benchmark first"
+    )

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from ifadapter import __version__
+
 
 class UsageError(Exception):
     """Bad input from the user: reported as one line, exit status 2."""
@@ -34,10 +36,16 @@ def _generation_args(parser: argparse.ArgumentParser) -> None:
         help="what guidance's unconditional branch keeps of the layout: the box embeddings "
         "(the released code's choice, default) or nothing (guidance then amplifies the layout)",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-images", type=int, default=1, help="images per layout")
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the generator for the whole file (default 0)"
+    )
+    parser.add_argument("--num-images", type=int, default=1, help="images per layout (default 1)")
+    parser.add_argument(
+        "--height", type=int, default=None, help="image height in pixels (default: the base's)"
+    )
+    parser.add_argument(
+        "--width", type=int, default=None, help="image width in pixels (default: the base's)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ifadapter",
         description="IFAdapter: instance feature control for a frozen SDXL.",
     )
+    parser.add_argument("--version", action="version", version=f"ifadapter {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser(
@@ -80,13 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Reads layouts (a JSON object or a list of them, or JSON lines) and writes "
         "PNG images plus copies with the boxes drawn.",
     )
-    generate.add_argument("--base", required=True, help="SDXL pipeline directory or hub id")
+    generate.add_argument(
+        "--base", required=True, help="SDXL pipeline directory (e.g. models/toy-base) or hub id"
+    )
     generate.add_argument(
         "--adapter", required=True, type=Path, help="IFAdapter checkpoint directory"
     )
     generate.add_argument("--layouts", required=True, type=Path, help="layout JSON / JSONL file")
     generate.add_argument("--out", required=True, type=Path, help="output directory")
-    generate.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    generate.add_argument(
+        "--device", default=None, help="torch device (default: cuda when available, else cpu)"
+    )
     _generation_args(generate)
 
     convert = commands.add_parser(
@@ -120,12 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_evaluate_parser(commands)
     return parser
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def read_layouts(path: Path) -> list:
@@ -171,19 +178,24 @@ def run_generate(args: argparse.Namespace) -> None:
     import torch
 
     from ifadapter.adapter import IFAdapter
+    from ifadapter.base_model import check_base
     from ifadapter.pipeline import IFAdapterSDXLPipeline
 
     layouts = read_layouts(args.layouts)
+    base = check_base(args.base)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if not (args.adapter / "config.json").is_file():
         raise UsageError(f"{args.adapter} is not an IFAdapter checkpoint (no config.json)")
     # One dtype for the whole pipeline: float32 on the CPU (half-precision matmuls are slow or
     # missing there), float16 elsewhere; a float16 checkpoint would otherwise load its text
     # encoders in float16 (transformers keeps the stored dtype) beside a float32 UNet.
-    dtype = torch.float32 if torch.device(args.device).type == "cpu" else torch.float16
+    dtype = torch.float32 if torch.device(device).type == "cpu" else torch.float16
     adapter = IFAdapter.from_pretrained(args.adapter, dtype=dtype)
-    pipe = IFAdapterSDXLPipeline.from_pretrained(args.base, adapter=adapter, dtype=dtype)
-    pipe = pipe.to(args.device)
-    generator = torch.Generator(args.device).manual_seed(args.seed)
+    pipe = IFAdapterSDXLPipeline.from_pretrained(
+        check_base(args.base), adapter=adapter, dtype=dtype
+    )
+    pipe = pipe.to(device)
+    generator = torch.Generator(device).manual_seed(args.seed)
     images = pipe(
         [layout.caption for layout in layouts],
         [layout.instances for layout in layouts],

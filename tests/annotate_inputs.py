@@ -102,3 +102,39 @@ def write_bad_inputs(directory: Path) -> dict[str, tuple[bytes, str | None]]:
     for name, (data, _) in cases.items():
         (directory / name).write_bytes(data)
     return cases
+
+
+# Sizes of camera and phone pictures (landscape, portrait, square), scaled down 4x to keep the
+# files small; the engine sees them at its working side either way.
+PHOTO_SIZES = [(1008, 756), (756, 1008), (1024, 576), (800, 800), (960, 640)]
+
+
+def photo(seed: int, size: tuple[int, int]) -> Image.Image:
+    """A photograph's statistics without a camera: a lit gradient (sky to ground), sensor
+    noise, and a few blurred objects in front."""
+    rng = np.random.default_rng(seed)
+    width, height = size
+    y = np.linspace(0.0, 1.0, height)[:, None, None]
+    top, bottom = rng.uniform(60, 230, 3), rng.uniform(20, 200, 3)
+    pixels = top * (1 - y) + bottom * y + np.zeros((height, width, 3))
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(2, 6))):
+        w, h = rng.uniform(0.1, 0.45) * width, rng.uniform(0.1, 0.45) * height
+        x0, y0 = rng.uniform(0, width - w), rng.uniform(0, height - h)
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape((x0, y0, x0 + w, y0 + h), fill=colour)
+    noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 6, (height, width, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+def write_photos(directory: Path, count: int, start: int = 0) -> list[Path]:
+    """``count`` JPEG photographs (quality 88, as cameras save them) of assorted sizes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(start, start + count):
+        path = directory / f"IMG_{index:04d}.jpg"
+        photo(index, PHOTO_SIZES[index % len(PHOTO_SIZES)]).save(path, quality=88)
+        paths.append(path)
+    return paths

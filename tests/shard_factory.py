@@ -1,5 +1,5 @@
 """Small annotated shard datasets for the training tests, written as the data engine writes them
-(DESIGN.md section 4): PNG bytes in ``image``, boxes normalised, a manifest with checksums."""
+(docs/design.md, contracts): PNG bytes in ``image``, boxes normalised, a manifest with checksums."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ import yaml
 from annotate.cli import add_parser
 from annotate.config import ConfigError
 from annotate.plan import PlanMismatch
-from annotate.schema import QUARANTINE_SCHEMA, Manifest, check_schema
+from annotate.schema import QUARANTINE_DIR, QUARANTINE_SCHEMA, Manifest, check_schema
 from annotate.writer import shard_schema
 from tests.annotate_inputs import REPO, TINY_PROFILE, write_bad_inputs, write_scenes
 from tests.test_annotate_sources import write_coco
@@ -118,8 +118,21 @@ def test_folder_end_to_end_with_bad_inputs(
 
     before = (out / "_manifest.json").read_text()
     run_cli("--config", TINY_PROFILE, "--input", images, "--output", out)
-    assert f"0 of {inputs} inputs annotated" in capsys.readouterr().out
+    assert f"all {inputs} inputs were already annotated" in capsys.readouterr().out
     assert (out / "_manifest.json").read_text() == before
+    # The directory reads as the dataset with standard readers: the quarantine (and the
+    # manifest) are skipped by their leading underscore.
+    assert pq.read_table(out).num_rows == len(rows)
+    assert set(pq.read_table(out).column("uri").to_pylist()) == expected_rows
+
+    # A dataset written before quarantine/ became _quarantine/ is moved on the next run.
+    (out / QUARANTINE_DIR).rename(out / "quarantine")
+    manifest = json.loads(before)
+    for entry in manifest["quarantine"]:
+        entry["path"] = entry["path"].replace(QUARANTINE_DIR, "quarantine", 1)
+    (out / "_manifest.json").write_text(json.dumps(manifest))
+    run_cli("--config", TINY_PROFILE, "--input", images, "--output", out)
+    assert not (out / "quarantine").exists() and dataset(out) == (rows, quarantined)
 
     (images / "late.png").write_bytes(good[0].read_bytes())
     with pytest.raises(PlanMismatch, match="holds a run with other settings"):

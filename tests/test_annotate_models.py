@@ -22,7 +22,7 @@ from annotate.grounding_dino import (
     token_map,
 )
 from annotate.records import Detection, Record
-from annotate.schema import QUARANTINE_SCHEMA, SHARD_SCHEMA, Manifest, check_schema
+from annotate.schema import QUARANTINE_DIR, QUARANTINE_SCHEMA, SHARD_SCHEMA, Manifest, check_schema
 from annotate.sources import FolderSource
 from annotate.stages import annotate_records
 from annotate.vocabulary import load_vocabulary
@@ -250,8 +250,8 @@ def test_writer_is_atomic_resumable_and_deduplicates(tmp_path):
     check_schema(first.schema)
     assert first["uri"].to_pylist() == [records[0].uri, records[1].uri]  # input order
     assert json.loads(first["annotator"][0].as_py()) == {"tag": {"backend": "picky"}}
-    quarantine = pq.read_table(out / "quarantine").to_pylist()
-    check_schema(pq.read_schema(out / "quarantine" / "part-00000.parquet"), QUARANTINE_SCHEMA)
+    quarantine = pq.read_table(out / QUARANTINE_DIR).to_pylist()
+    check_schema(pq.read_schema(out / QUARANTINE_DIR / "part-00000.parquet"), QUARANTINE_SCHEMA)
     assert {(q["stage"], q["reason"].split(":")[0]) for q in quarantine} == {
         ("decode", "truncated"),
         ("dedup", "duplicate"),

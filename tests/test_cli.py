@@ -126,3 +126,55 @@ def test_bad_layout_is_one_line_and_exit_2(tmp_path, base_dir, capsys):
         )
         == 2
     )
+
+
+def test_help_and_version_answer_without_loading_models():
+    """``--help`` of every command and ``--version`` import no torch, diffusers, Ray or Prefect:
+    they answer at once (heavy imports wait until a command runs)."""
+    probe = (
+        "import sys\n"
+        "from ifadapter.cli import main\n"
+        "for argv in sys.argv[1:]:\n"
+        "    try:\n"
+        "        main(argv.split())\n"
+        "    except SystemExit as done:\n"
+        "        assert done.code == 0, (argv, done.code)\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'ray', 'prefect')\n"
+        "         if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    commands = ["--help", "--version"] + [
+        f"{c} --help"
+        for c in (
+            "demo",
+            "generate",
+            "annotate",
+            "train",
+            "evaluate",
+            "pipeline",
+            "convert-released",
+        )
+    ]
+    result = subprocess.run(
+        [sys.executable, "-c", probe, *commands], capture_output=True, text=True, env=flow_env()
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ifadapter 0." in result.stdout and "--benchmark-input" in result.stdout
+
+
+def test_a_base_that_is_not_there_is_one_line(tmp_path, capsys):
+    """The README's training command with a base that was never made: one line naming it (not a
+    traceback about the model hub), exit status 2; the same for generate."""
+    argv = ["train", "--config", "configs/tiny.yaml", "--base", "out/nowhere/base"]
+    assert main([*argv, "--data", str(tmp_path), "--output", str(tmp_path / "o")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "base out/nowhere/base: no such directory" in error
+    (tmp_path / "not-a-pipeline").mkdir()
+    layouts = tmp_path / "layouts.json"
+    layouts.write_text(json.dumps({"caption": "x", "instances": []}))
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "config.json").write_text("{}")
+    argv = ["generate", "--layouts", str(layouts), "--out", str(tmp_path / "o")]
+    argv += ["--adapter", str(tmp_path / "adapter"), "--base", str(tmp_path / "not-a-pipeline")]
+    assert main(argv) == 2
+    assert "is not an SDXL pipeline directory (no model_index.json)" in capsys.readouterr().err

@@ -270,12 +270,11 @@ def test_profiles_evaluate_sections_load(tmp_path, monkeypatch):
         "out/tiny-models/grounding-dino",
         "out/tiny-models/qwen2-vl",
         "out/tiny-models/clip",
-        "out/tiny/base",
+        "models/toy-base",
         "out/tiny-eval/gligen",
     ):
         (tmp_path / directory).mkdir(parents=True)
     (tmp_path / "out/tiny-eval/inception.pth").write_bytes(b"")
-    (tmp_path / "models").mkdir()
     (tmp_path / "models/pt_inception-2015-12-05-6726825d.pth").write_bytes(b"")
     monkeypatch.chdir(tmp_path)
     tiny = load_config(configs / "tiny.yaml")

@@ -9,7 +9,7 @@ from flows.params import check_params
 from ifadapter.cli import main
 from tests.annotate_inputs import TINY_PROFILE
 
-BASE = ["--config", str(TINY_PROFILE), "--output", "o", "--input", "i"]
+BASE = ["--config", str(TINY_PROFILE), "--output", "o", "--input", "toy:seed=1,count=4"]
 
 
 @pytest.mark.parametrize(
@@ -37,6 +37,18 @@ BASE = ["--config", str(TINY_PROFILE), "--output", "o", "--input", "i"]
             ["--config", str(TINY_PROFILE), "--output", "o", "--shards", "no-shards"],
             "no-shards is not a shard dataset",
         ),
+        (
+            ["--config", str(TINY_PROFILE), "--output", "o", "--input", "/no/such/photos"],
+            "input: input /no/such/photos is not an image folder",
+        ),
+        (
+            [*BASE, "--benchmark-input", "held-out.json"],
+            "benchmark_input: COCO annotations held-out.json do not exist",
+        ),
+        (
+            BASE,
+            "the evaluate: section's benchmark out/tiny/benchmark.json does not exist",
+        ),
     ],
 )
 def test_bad_parameters_are_one_line_and_exit_2(argv, message, capsys, monkeypatch):
@@ -49,12 +61,22 @@ def test_bad_parameters_are_one_line_and_exit_2(argv, message, capsys, monkeypat
 
 
 def test_default_stages_follow_the_profile(tmp_path):
-    params = check_params(config=str(TINY_PROFILE), input="images", output=str(tmp_path))
+    params = check_params(
+        config=str(TINY_PROFILE),
+        input=str(tmp_path),
+        output=str(tmp_path),
+        benchmark_input="toy:seed=2,count=4",
+    )
     assert params.chosen() == ["annotate", "cache", "train", "evaluate"]
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "_manifest.json").write_text("{}")
-    retrain = check_params(config=str(TINY_PROFILE), shards=str(shards), output=str(tmp_path))
+    retrain = check_params(
+        config=str(TINY_PROFILE),
+        shards=str(shards),
+        output=str(tmp_path),
+        benchmark_input="toy:seed=2,count=4",
+    )
     assert retrain.chosen() == ["cache", "train", "evaluate"]
     assert retrain.shards_dir == shards
     ordered = check_params(
@@ -69,7 +91,7 @@ def test_a_stage_needs_its_section(tmp_path, capsys):
     argv = ["pipeline", "--config", str(profile), "--output", "o", "--stages", "train"]
     assert main(argv) == 2
     assert "has no train: section" in capsys.readouterr().err
-    params = check_params(config=str(profile), input="images", output="o")
+    params = check_params(config=str(profile), input=str(tmp_path), output="o")
     assert params.chosen() == ["annotate"]
 
 

@@ -19,7 +19,7 @@ class FrozenEncoders:
     VAE overflows in float16, and float16 on a CPU is both slow and emulated."""
 
     def __init__(self, base: str, text_encoder_layers: Sequence[int], device: str) -> None:
-        pipe = StableDiffusionXLPipeline.from_pretrained(base, unet=None, torch_dtype=torch.float32)
+        pipe = StableDiffusionXLPipeline.from_pretrained(base, unet=None, dtype=torch.float32)
         pipe.set_progress_bar_config(disable=True)
         for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
             module.requires_grad_(False).eval()

@@ -9,7 +9,7 @@ checkpoints.
 
 Checkpoint directory (one per reported step; rank 0 writes all but the RNG files):
 
-- ``adapter/``: ``config.json`` + ``ifadapter.safetensors`` (the raw weights, DESIGN.md format);
+- ``adapter/``: ``config.json`` + ``ifadapter.safetensors`` (raw weights, docs/design.md);
 - ``optimizer.pt``: AdamW's state dict, loaded with ``torch.load(weights_only=True)``;
 - ``ema.safetensors``: the EMA weights, when EMA is on;
 - ``trainer_state.json``: step (the data position, see ``training.samples``), learning-rate
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import shutil
 import tempfile
@@ -126,7 +127,7 @@ class AdapterTrainer:
         on_gpu = device.type == "cuda" and config.mixed_precision == "bf16"
         self.autocast_dtype = torch.bfloat16 if on_gpu else None
         self.unet = UNet2DConditionModel.from_pretrained(
-            config.base, subfolder="unet", torch_dtype=self.autocast_dtype or torch.float32
+            config.base, subfolder="unet", dtype=self.autocast_dtype or torch.float32
         )
         self.noise_scheduler = DDPMScheduler.from_pretrained(config.base, subfolder="scheduler")
         torch.manual_seed(config.seed)  # every worker starts from the same adapter
@@ -257,7 +258,7 @@ class AdapterTrainer:
         return int(state["step"])
 
     def export(self, directory: Path) -> None:
-        """The final adapter (EMA weights when EMA is on) in DESIGN.md's checkpoint format,
+        """The final adapter (EMA weights when EMA is on) in the checkpoint format (docs/design.md),
         written beside and then renamed over ``directory``."""
         temporary = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}")
         parameters = list(self.adapter.parameters())
@@ -277,7 +278,11 @@ def train_worker(loop_config: dict) -> None:
     """What Ray Train runs on every worker."""
     import ray.train
     import ray.train.torch
+    from ray.train.v2._internal.execution import context as train_context
 
+    # Ray Train logs every report ("Reporting training result N ...") at INFO on a logger named
+    # by its file: lines that bury the progress bar. Warnings and errors still show.
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     config = TrainConfig.model_validate(loop_config["config"])
     run_dir = Path(loop_config["run_dir"])
     context = ray.train.get_context()

@@ -18,6 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ifadapter.adapter import IFAdapter
+from ifadapter.base_model import check_base
 from training.cache import CacheInfo, build_cache
 from training.config import ConfigError, TrainConfig, load_train_config
 from training.loop import ADAPTER_DIR, RUN_FILE, check_cache, new_adapter, train_worker
@@ -128,6 +129,7 @@ def train(config: TrainConfig | str | Path, progress: bool = False) -> TrainResu
 
     if not isinstance(config, TrainConfig):
         config = load_train_config(config)
+    check_base(config.base, local_only=True)
     check_resumable(config)
     adapter = meta_adapter(config)
     if not ray.is_initialized():

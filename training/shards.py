@@ -1,4 +1,4 @@
-"""Reading annotated shards (DESIGN.md section 4) for training.
+"""Reading annotated shards (docs/design.md, contracts) for training.
 
 Whole-shard faults (no manifest, a listed shard missing, a column missing or of another type)
 stop the run with an error that names the shard and every fault. Row faults (bytes that do not
