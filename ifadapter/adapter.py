@@ -1,8 +1,9 @@
 """IFAdapter: appearance tokens and ISM layers, attached to a stock diffusers UNet.
 
 The module owns every trainable weight (resampler, box embedding, one ``ISMLayer`` per controlled
-cross-attention layer) and nothing of the base model: ``install`` puts an
-``IFAdapterAttnProcessor`` on the chosen layers of an unmodified ``UNet2DConditionModel``, and the
+cross-attention layer) and nothing of the base model: ``install`` wraps the processor of each
+chosen layer of an unmodified ``UNet2DConditionModel`` in an ``IFAdapterAttnProcessor``
+(``installed`` does it for one block and then puts the previous processors back), and the
 processors read the conditioning that this module activates around a UNet call. The UNet's own
 state dict therefore stays the base model's, and a checkpoint holds the adapter alone.
 
@@ -47,6 +48,12 @@ DEFAULT_LAYER_PATTERNS = (
     "mid_block.attentions.0.transformer_blocks.[0-3].attn2",
     "up_blocks.0.attentions.*.transformer_blocks.[0-3].attn2",
 )
+
+
+def weights_name(variant: str | None = None) -> str:
+    """``ifadapter.safetensors``, or ``ifadapter.fp16.safetensors`` for variant "fp16" (the
+    place diffusers gives a variant in a file name)."""
+    return WEIGHTS_NAME if variant is None else f"ifadapter.{variant}.safetensors"
 
 
 def _module_key(layer: str) -> str:
@@ -165,12 +172,12 @@ class IFAdapter(ModelMixin, ConfigMixin):
     def ism_layer(self, name: str) -> ISMLayer:
         return self.ism_layers[_module_key(name)]
 
-    def install(self, unet: UNet2DConditionModel) -> None:
-        """Puts the ISM processor on the adapter's layers; other processors stay as they are."""
+    def check_unet(self, unet: UNet2DConditionModel) -> None:
+        """Raises unless every layer of this adapter is a cross-attention layer of ``unet`` of the
+        width the adapter was built for."""
         processors = unet.attn_processors
         for name, channels in zip(self.config.layers, self.config.layer_channels, strict=True):
-            key = f"{name}.processor"
-            if key not in processors:
+            if f"{name}.processor" not in processors:
                 raise ValueError(f"the UNet has no attention layer {name!r} for this adapter")
             attention = _attention(unet, name)
             if attention.is_cross_attention is False or attention.to_q.out_features != channels:
@@ -187,8 +194,34 @@ class IFAdapter(ModelMixin, ConfigMixin):
                     f"layer {name!r} has {channels // attention.heads}-wide heads; the adapter's "
                     f"query/key norm is {norm_dim} wide"
                 )
-            processors[key] = IFAdapterAttnProcessor(name, self.ism_layer(name), self)
+
+    def install(self, unet: UNet2DConditionModel) -> None:
+        """Wraps the processor of each of the adapter's layers (whatever it is: SDPA, sliced,
+        fused, a user's) in the ISM processor; other layers keep theirs. Installing over an
+        ``IFAdapterAttnProcessor`` replaces it, keeping the processor it wrapped."""
+        self.check_unet(unet)
+        processors = unet.attn_processors
+        for name in self.config.layers:
+            key = f"{name}.processor"
+            inner = processors[key]
+            if isinstance(inner, IFAdapterAttnProcessor):
+                inner = inner.inner
+            processors[key] = IFAdapterAttnProcessor(name, self.ism_layer(name), self, inner)
         unet.set_attn_processor(processors)
+
+    @contextlib.contextmanager
+    def installed(self, unet: UNet2DConditionModel) -> Iterator[None]:
+        """Installed for the block only: the UNet gets its previous processors back after it.
+
+        The pipeline installs per call, so between calls its UNet holds exactly the processors
+        the user (or a stock feature: attention slicing, fused QKV, xformers,
+        ``set_default_attn_processor``) last set, and the adapter wraps whatever they are."""
+        previous = unet.attn_processors
+        self.install(unet)
+        try:
+            yield
+        finally:
+            unet.set_attn_processor(previous)
 
     # ----------------------------------------------------------------- conditioning
 
@@ -299,34 +332,87 @@ class IFAdapter(ModelMixin, ConfigMixin):
 
     # ----------------------------------------------------------------- checkpoints
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **_: object) -> None:
-        """``config.json`` + ``ifadapter.safetensors`` (never a pickle)."""
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        variant: str | None = None,
+        safe_serialization: bool = True,
+    ) -> None:
+        """``config.json`` + ``ifadapter.safetensors`` (``ifadapter.<variant>.safetensors`` with
+        a variant, as diffusers names variants, so an fp16 copy can sit beside the full one).
+
+        ``safe_serialization`` is in the signature because a pipeline's ``save_pretrained``
+        passes it to every component; the adapter is written as safetensors either way (never a
+        pickle), which ``from_pretrained`` reads back all the same."""
+        del safe_serialization
         os.makedirs(save_directory, exist_ok=True)
         self.save_config(save_directory)
         state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        weights = os.path.join(save_directory, weights_name(variant))
+        save_file(state, weights, metadata={"format": "pt"})
 
     @classmethod
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
         subfolder: str | None = None,
+        variant: str | None = None,
         dtype: torch.dtype | None = None,
         torch_dtype: torch.dtype | None = None,
-        **_: object,
+        *,
+        use_safetensors: bool | None = None,
+        low_cpu_mem_usage: bool | None = None,
+        disable_mmap: bool = False,
+        use_flashpack: bool = False,
+        device_map: object = None,
+        max_memory: object = None,
+        offload_folder: object = None,
+        offload_state_dict: bool | None = None,
     ) -> IFAdapter:
-        """``dtype`` (diffusers' current name) or ``torch_dtype`` (its older one)."""
+        """Loads what ``save_pretrained`` wrote (the same ``variant``), in ``dtype`` (diffusers'
+        current name) or ``torch_dtype`` (its older one); any other keyword is a TypeError.
+
+        The keywords after ``*`` are those a pipeline's ``from_pretrained`` passes to every
+        diffusers model component. ``device_map`` may name one device (a pipeline passes a
+        device, or ``{"": device}`` for a component placed whole); the adapter loads whole, so
+        ``low_cpu_mem_usage`` and ``disable_mmap`` change nothing. Splitting it over devices,
+        offloading, flashpack or a non-safetensors format would, and are refused rather than
+        ignored."""
+        if use_safetensors is False or use_flashpack:
+            raise ValueError("an IFAdapter checkpoint is a safetensors file")
+        if isinstance(device_map, dict) and set(device_map) == {""}:
+            device_map = device_map[""]
+        device = None
+        if device_map is not None:
+            try:
+                device = torch.device(device_map)
+            except (RuntimeError, TypeError):
+                raise ValueError(
+                    f"an IFAdapter loads whole onto one device, got device_map={device_map!r}"
+                ) from None
+        offload = {
+            "max_memory": max_memory,
+            "offload_folder": offload_folder,
+            "offload_state_dict": offload_state_dict or None,
+        }
+        given = sorted(k for k, v in offload.items() if v is not None)
+        if given:
+            raise ValueError(
+                f"IFAdapter.from_pretrained does not offload ({', '.join(given)}); "
+                "load it, then place it with .to()"
+            )
         dtype = dtype or torch_dtype
         directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
-        weights = os.path.join(directory, WEIGHTS_NAME)
+        name = weights_name(variant)
+        weights = os.path.join(directory, name)
         if not os.path.isfile(weights):
-            raise FileNotFoundError(
-                f"no IFAdapter checkpoint at {directory} (missing {WEIGHTS_NAME})"
-            )
+            raise FileNotFoundError(f"no IFAdapter checkpoint at {directory} (missing {name})")
         adapter = cls.from_config(cls.load_config(directory))
         adapter.load_state_dict(load_file(weights), strict=True)
         if dtype is not None:
             adapter.to(dtype)
+        if device is not None:
+            adapter.to(device)
         return adapter.eval()
 
 

@@ -10,8 +10,13 @@ every instance at once (batched SDPA, no loop over instances):
 - injection (Eq. 8): ``out = Attention(Q, K, V) + tanh(lambda) * (1 - M_bg) * D`` with lambda
   initialised to 0, so an untrained adapter leaves the base model's output exactly unchanged.
 
-With no conditioning set (base generation, or past ``control_ratio``) the processor computes
-exactly what diffusers' ``AttnProcessor2_0`` computes.
+The processor wraps the one it replaced (``inner``): with no conditioning set (base
+generation, or past ``control_ratio``) it is that processor, call for call. With conditioning,
+over diffusers' ``AttnProcessor2_0`` it computes the attention itself and shares the query with the
+ISM; over any other processor (sliced attention, ``AttnProcessor``, fused QKV, xformers,
+IP-Adapter, a user's own) it lets the inner processor compute the layer's output and adds the ISM
+to it, from the query of the layer's own ``to_q``. So every stock attention implementation keeps
+the adapter, and none is re-implemented here.
 
 Three settings of an ``ISMLayer`` reproduce the authors' released code for their weights: an
 RMSNorm on each head of the ISM query and of the instance keys (``qk_norm_dim``), the released
@@ -22,17 +27,19 @@ injection before the frozen ``to_out`` projection instead of after it (``before_
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
 from ifadapter.fusion import FusionScorer, fuse_instances, fuse_instances_released
 
 Injection = Literal["after_to_out", "before_to_out"]
+AttentionProcessor = Callable[..., torch.Tensor]  # any of diffusers' processors, or a user's
 
 
 class ISMLayer(nn.Module):
@@ -140,16 +147,23 @@ def _layer_grid(boxes: torch.Tensor, mask: torch.Tensor, height: int, width: int
 
 
 class IFAdapterAttnProcessor:
-    """SDPA processor for a layer the adapter controls; the others keep the stock processor.
+    """The processor of a layer the adapter controls, around the processor it replaced.
 
     It holds no weights of its own: ``layer`` belongs to the ``IFAdapter`` module (so the UNet's
     state dict stays the base model's), and ``source`` is asked for the active conditioning.
     """
 
-    def __init__(self, name: str, layer: ISMLayer, source: ConditioningSource) -> None:
+    def __init__(
+        self,
+        name: str,
+        layer: ISMLayer,
+        source: ConditioningSource,
+        inner: AttentionProcessor | None = None,
+    ) -> None:
         self.name = name
         self.layer = layer
         self.source = source
+        self.inner = inner if inner is not None else AttnProcessor2_0()
 
     def __call__(
         self,
@@ -158,7 +172,71 @@ class IFAdapterAttnProcessor:
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
+        ip_adapter_masks: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        # Attention.forward passes a processor only the keyword arguments its signature names,
+        # and not every processor names temb (SlicedAttnProcessor does not): the inner one gets
+        # what it would have got without the adapter. IP-Adapter's masks are named here so
+        # that they reach an inner IP-Adapter processor.
+        extra = {"temb": temb, "ip_adapter_masks": ip_adapter_masks}
+        extra = {k: v for k, v in extra.items() if v is not None}
+        conditioning = self.source.active_conditioning()
+        if conditioning is not None and type(self.inner) is AttnProcessor2_0:
+            return self._sdpa_with_ism(
+                conditioning, attn, hidden_states, encoder_hidden_states, attention_mask, temb
+            )
+        out = self.inner(
+            attn,
+            hidden_states,
+            encoder_hidden_states=encoder_hidden_states,
+            attention_mask=attention_mask,
+            **extra,
+        )
+        if conditioning is None:
+            return out
+        return out + self._ism_after_inner(conditioning, attn, hidden_states, temb, out.shape)
+
+    def _ism_after_inner(
+        self,
+        conditioning: InstanceConditioning,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        temb: torch.Tensor | None,
+        out_shape: torch.Size,
+    ) -> torch.Tensor:
+        """The ISM term to add to another processor's output: the query is recomputed from the
+        layer's ``to_q`` (one extra projection), and an injection before ``to_out`` goes through
+        the linear part of ``to_out``, since the inner processor has already applied it."""
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        if hidden_states.ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        batch_size, _, inner_dim = query.shape
+        query = query.view(batch_size, -1, attn.heads, inner_dim // attn.heads).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        ism = self.instance_semantic_map(conditioning, query, attn.heads)
+        if self.layer.before_to_out:
+            project = attn.to_out[0]
+            ism = project(ism) - project(torch.zeros_like(ism[:, :1]))
+        if len(out_shape) == 4:
+            ism = ism.transpose(-1, -2).reshape(out_shape)
+        return ism / attn.rescale_output_factor
+
+    def _sdpa_with_ism(
+        self,
+        conditioning: InstanceConditioning,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        temb: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """``AttnProcessor2_0``'s computation, with its query shared by the ISM."""
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -197,15 +275,12 @@ class IFAdapterAttnProcessor:
             key = attn.norm_k(key)
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
         out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
-        conditioning = self.source.active_conditioning()
-        ism = None
-        if conditioning is not None:
-            ism = self.instance_semantic_map(conditioning, query, attn.heads)
-        if ism is not None and self.layer.before_to_out:
+        ism = self.instance_semantic_map(conditioning, query, attn.heads)
+        if self.layer.before_to_out:
             out = out + ism
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
-        if ism is not None and not self.layer.before_to_out:
+        if not self.layer.before_to_out:
             out = out + ism
 
         if input_ndim == 4:

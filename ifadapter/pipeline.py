@@ -1,22 +1,26 @@
 """``IFAdapterSDXLPipeline``: the stock SDXL pipeline plus instances.
 
 It is a thin subclass: the denoising loop, schedulers, LoRA loading (``load_lora_weights``),
-``from_pretrained`` / ``from_single_file`` and everything else are diffusers' own. What it adds
-happens around the stock ``__call__``: the instance descriptions are encoded and turned into
-appearance tokens once, the ISM layers get the conditioning for the whole generation (the
-unconditional branch of guidance keeps only the box embedding, or nothing), and a step-end
-callback switches the adapter off after the ``control_ratio`` fraction of the steps.
+``from_pretrained`` / ``from_single_file`` and everything else are diffusers' own. Without an
+adapter, or without instances, a call is the stock ``__call__`` with the same arguments. With
+instances, what it adds happens around the stock ``__call__``: the instance descriptions are
+encoded and turned into appearance tokens once, the adapter wraps the processors the UNet holds
+at that moment (whatever stock feature or user set them) for the call only, the ISM layers get
+the conditioning for the whole generation (the unconditional branch of guidance keeps only the
+box embedding, or nothing), and a step-end callback switches the adapter off after the
+``control_ratio`` fraction of the steps. docs/pipeline.md lists how each stock feature fares.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Collection, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from diffusers import StableDiffusionXLPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import PipelineImageInput
 from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
 
 from ifadapter.adapter import TOKEN_GROUPS, IFAdapter
@@ -29,9 +33,15 @@ from ifadapter.text import encode_instances
 # "none" (the adapter is off there, so guidance amplifies the layout as well as the caption).
 UnconditionalLayout = Literal["boxes", "none"]
 
+Instances = Sequence[Instance | dict] | Sequence[Sequence[Instance | dict]]
+
 
 class IFAdapterSDXLPipeline(StableDiffusionXLPipeline):
     _optional_components = [*StableDiffusionXLPipeline._optional_components, "adapter"]  # noqa: RUF012
+    # Model CPU offload moves a component onto the accelerator when its forward() runs; the
+    # adapter is used through its methods, so it stays on the accelerator instead (it is small
+    # beside the UNet).
+    _exclude_from_cpu_offload = [*StableDiffusionXLPipeline._exclude_from_cpu_offload, "adapter"]  # noqa: RUF012
 
     def __init__(
         self,
@@ -61,21 +71,19 @@ class IFAdapterSDXLPipeline(StableDiffusionXLPipeline):
             force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
             add_watermarker=add_watermarker,
         )
-        self.register_modules(adapter=adapter)
         if adapter is not None:
-            adapter.install(unet)
-
-    def set_adapter(self, adapter: IFAdapter) -> None:
-        """Attaches (or replaces) the adapter on this pipeline's UNet."""
-        adapter.to(self.unet.device)
-        adapter.install(self.unet)
+            adapter.check_unet(unet)
         self.register_modules(adapter=adapter)
 
-    def layouts(
-        self,
-        prompt: str | Sequence[str],
-        instances: Sequence[Instance | dict] | Sequence[Sequence[Instance | dict]] | None,
-    ) -> list[Layout]:
+    def set_adapter(self, adapter: IFAdapter | None) -> None:
+        """Attaches, replaces or (None) removes the adapter. Nothing on the UNet changes: the
+        adapter wraps its processors during each call with instances only."""
+        if adapter is not None:
+            adapter.check_unet(self.unet)
+            adapter.to(self.unet.device)
+        self.register_modules(adapter=adapter)
+
+    def layouts(self, prompt: str | Sequence[str], instances: Instances | None) -> list[Layout]:
         """Validated layouts: one prompt with a list of instances, or a list of each."""
         if isinstance(prompt, str):
             prompt, instances = [prompt], [instances or []]
@@ -107,6 +115,13 @@ class IFAdapterSDXLPipeline(StableDiffusionXLPipeline):
             raise ValueError(
                 f"unconditional_layout must be 'boxes' or 'none', got {unconditional_layout!r}"
             )
+        if self.text_encoder.device.type == "meta":
+            # Sequential CPU offload leaves the encoders' weights on "meta" between forwards, and
+            # the instance encoding (ifadapter.text) puts its token ids on the encoder's device.
+            raise RuntimeError(
+                "instances cannot be encoded under enable_sequential_cpu_offload() (the text "
+                "encoders' weights are on the meta device); use enable_model_cpu_offload()"
+            )
         tensors = LayoutTensors.from_layouts(layouts)
         features = encode_instances(
             [self.tokenizer, self.tokenizer_2],
@@ -129,25 +144,83 @@ class IFAdapterSDXLPipeline(StableDiffusionXLPipeline):
             boxes, mask = torch.cat([boxes, boxes]), torch.cat([unconditional_mask, mask])
         return self.adapter.conditioning(tokens, boxes, mask, latent_size)
 
+    def _layouts_for_call(
+        self,
+        prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor | None,
+        instances: Instances,
+    ) -> list[Layout]:
+        """The layouts of a call; with ``prompt_embeds`` instead of text, one layout per row of
+        the embeddings, whose captions stay empty (only the instances are read)."""
+        if isinstance(instances, str) or any(isinstance(item, str) for item in instances):
+            raise TypeError(
+                "instances must be Instance or {'box', 'caption'} items (a list of them per "
+                "prompt), not text; the stock parameters after `instances`, such as prompt_2, "
+                "are keyword-only here"
+            )
+        if prompt is not None:
+            return self.layouts(prompt, instances)
+        if prompt_embeds is None:
+            raise ValueError("pass `prompt` or `prompt_embeds`")
+        rows = prompt_embeds.shape[0]
+        flat = all(isinstance(item, (Instance, dict)) for item in instances)
+        if rows == 1 and flat:
+            return self.layouts("", instances)
+        return self.layouts([""] * rows, instances)
+
     @torch.no_grad()
     def __call__(
         self,
         prompt: str | list[str] | None = None,
-        instances: list[Instance | dict] | list[list[Instance | dict]] | None = None,
+        instances: Instances | None = None,
         *,
+        prompt_2: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        denoising_end: float | None = None,
+        guidance_scale: float = 5.0,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        num_images_per_prompt: int | None = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: PipelineImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (stock's)
         control_ratio: float = 1.0,
         token_groups: Collection[str] = TOKEN_GROUPS,
         unconditional_layout: UnconditionalLayout = "boxes",
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 30,
-        guidance_scale: float = 7.5,
-        num_images_per_prompt: int = 1,
-        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
-        callback_on_step_end_tensor_inputs: list[str] | None = None,
         **kwargs,
     ) -> StableDiffusionXLPipelineOutput | tuple:
         """Generates ``prompt`` with ``instances`` (a list per prompt for a batch of prompts).
+
+        Every parameter from ``prompt_2`` to ``callback_on_step_end_tensor_inputs`` (and
+        ``**kwargs``) is the stock ``StableDiffusionXLPipeline.__call__``'s, with its default,
+        keyword-only here because ``instances`` takes the second place. The global prompt may
+        be text or embeddings (``prompt_embeds`` etc.; the instances then come as one list per
+        row of ``prompt_embeds``, or one flat list for a single row); instance descriptions are
+        text. Without instances (None, or empty lists), without an adapter, or with
+        ``control_ratio=0``, the call is the stock one.
 
         ``control_ratio`` is the fraction of denoising steps during which the adapter acts (1.0:
         all of them; lower values leave the late, detail-forming steps to the base model, which
@@ -155,32 +228,69 @@ class IFAdapterSDXLPipeline(StableDiffusionXLPipeline):
         instance's tokens out (the inference-time ablation, see ``IFAdapter.instance_tokens``).
         ``unconditional_layout`` is what guidance's unconditional branch keeps of the layout:
         "boxes" (the released code's choice) or "none" (the adapter acts in the conditional
-        branch only). Other arguments are the stock SDXL pipeline's.
+        branch only).
         """
-        if prompt is None:
-            raise ValueError(
-                "IFAdapterSDXLPipeline needs `prompt` text (the layout's global caption)"
-            )
         if not 0.0 <= control_ratio <= 1.0:
             raise ValueError(f"control_ratio must be in [0, 1], got {control_ratio}")
-        if self.adapter is None:
-            raise ValueError("no adapter attached: pass `adapter=` or call `set_adapter`")
-        layouts = self.layouts(prompt, instances)
+        layouts = (
+            None if instances is None else self._layouts_for_call(prompt, prompt_embeds, instances)
+        )
+        with_instances = layouts is not None and any(layout.instances for layout in layouts)
+        if with_instances and self.adapter is None:
+            raise ValueError("instances need an adapter: pass `adapter=` or call `set_adapter`")
+        stock = dict(
+            prompt=prompt,
+            prompt_2=prompt_2,
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            timesteps=timesteps,
+            sigmas=sigmas,
+            denoising_end=denoising_end,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2,
+            num_images_per_prompt=num_images_per_prompt,
+            eta=eta,
+            generator=generator,
+            latents=latents,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            ip_adapter_image=ip_adapter_image,
+            ip_adapter_image_embeds=ip_adapter_image_embeds,
+            output_type=output_type,
+            return_dict=return_dict,
+            cross_attention_kwargs=cross_attention_kwargs,
+            guidance_rescale=guidance_rescale,
+            original_size=original_size,
+            crops_coords_top_left=crops_coords_top_left,
+            target_size=target_size,
+            negative_original_size=negative_original_size,
+            negative_crops_coords_top_left=negative_crops_coords_top_left,
+            negative_target_size=negative_target_size,
+            clip_skip=clip_skip,
+            **kwargs,
+        )
+        if not with_instances or control_ratio == 0:
+            return super().__call__(
+                **stock,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            )
+
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         guidance = guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
-
-        conditioning = None
-        if control_ratio > 0 and any(layout.instances for layout in layouts):
-            conditioning = self.instance_conditioning(
-                layouts,
-                (height // self.vae_scale_factor, width // self.vae_scale_factor),
-                num_images_per_prompt,
-                guidance,
-                token_groups,
-                unconditional_layout,
-            )
-
+        conditioning = self.instance_conditioning(
+            layouts,
+            (height // self.vae_scale_factor, width // self.vae_scale_factor),
+            num_images_per_prompt,
+            guidance,
+            token_groups,
+            unconditional_layout,
+        )
         tensor_inputs = callback_on_step_end_tensor_inputs
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             tensor_inputs = callback_on_step_end.tensor_inputs
@@ -193,15 +303,9 @@ class IFAdapterSDXLPipeline(StableDiffusionXLPipeline):
                 return callback_on_step_end(pipe, step, timestep, callback_kwargs)
             return callback_kwargs
 
-        with adapter.activated(conditioning):
+        with adapter.installed(self.unet), adapter.activated(conditioning):
             return super().__call__(
-                prompt=[layout.caption for layout in layouts],
-                height=height,
-                width=width,
-                num_inference_steps=num_inference_steps,
-                guidance_scale=guidance_scale,
-                num_images_per_prompt=num_images_per_prompt,
+                **stock,
                 callback_on_step_end=step_end,
-                callback_on_step_end_tensor_inputs=list(tensor_inputs or ["latents"]),
-                **kwargs,
+                callback_on_step_end_tensor_inputs=list(tensor_inputs),
             )
