@@ -9,7 +9,7 @@ exiting with status 2. Heavy imports (Ray, torch) wait until the command runs.
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 from pathlib import Path
 
 
@@ -47,14 +47,12 @@ def run(args: argparse.Namespace) -> None:
     from annotate.config import load_config
     from annotate.engine import annotate
     from annotate.sources import open_source
+    from flows.ray_session import connect
 
     config = load_config(args.config)
     source = open_source(args.input, images=args.images, name=args.source_name)
     started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=False)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    ray.data.DataContext.get_current().enable_progress_bars = False  # ours is below
+    connect(args.ray_address or os.environ.get("RAY_ADDRESS"))
     bar = tqdm(unit="img", desc="annotate", dynamic_ncols=True)
 
     def on_plan(inputs: int, done: int) -> None:

@@ -124,14 +124,34 @@ class MethodRun:
             return image.convert("RGB")
 
 
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """diffusers' and transformers' loading bars ("Loading pipeline components", "Loading
+    weights") off while a runner loads: one per method and component, they bury the
+    evaluation's own bars."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers_logging.enable_progress_bar()
+        transformers_logging.enable_progress_bar()
+
+
 def generate(run: MethodRun, config: EvaluateConfig, benchmark: Benchmark, progress: bool) -> int:
     """Makes the method's missing images; the runner loads only when some are missing."""
     pending = [layout for layout in benchmark.layouts if not run.image_path(layout).is_file()]
     if not pending:
         return 0
     method = run.method
-    runner = method.backend_class()(method.settings, config.device, config.generation, benchmark)
     bar = tqdm(total=len(pending), desc=f"generate {method.name}", disable=not progress)
+    with quiet_loading():  # the bar above stands for the loading as well
+        runner = method.backend_class()(
+            method.settings, config.device, config.generation, benchmark
+        )
     for batch in _batches(pending, config.generation.batch_size):
         seeds = [layout_seed(config.generation.seed, layout.id) for layout in batch]
         images = runner.generate(batch, seeds)

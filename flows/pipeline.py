@@ -92,7 +92,9 @@ def _stage_task(name: str):
         retry_delay_seconds=exponential_backoff(backoff_factor=BACKOFF_S),
         retry_condition_fn=transient,
         cache_policy=NO_CACHE,  # completion is judged from the files (flows.records)
-        log_prints=True,
+        # The stages report through their progress bars and return their counts; what the
+        # libraries inside them print (pycocotools' AP table, for one) stays out of the run log.
+        log_prints=False,
     )
 
 

@@ -47,6 +47,7 @@ def connect(address: str | None) -> None:
     address = check_address(address)
     if address is not None and address.startswith(("http://", "https://")):
         raise ValueError(f"{address} is a job server: submit the stage as a Ray job instead")
+    quiet_driver()
     if address is None:
         cpus = os.environ.get("IFADAPTER_RAY_CPUS")
         logger.info("starting a local Ray (%s CPUs)", cpus or "all")
@@ -61,6 +62,22 @@ def connect(address: str | None) -> None:
         ray.init(address=address, log_to_driver=False)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def quiet_driver() -> None:
+    """Keeps Ray's own lines out of the progress bars (the user's environment still wins for
+    the variables): Ray Data's per-dataset INFO lines, the C++ core worker's notice that Ray
+    Data's actors keep their constructor arguments in the object store (printed as an error on
+    every run, ray-project/ray#53727; the core worker's logs stay in the session's log
+    folder), and the warning that a local Ray guards itself with a token (Ray 2.60's default,
+    which we keep)."""
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    for name in (
+        "ray._private.authentication.authentication_token_setup",
+        "ray.data._internal.progress",  # "Progress bars disabled": ours replace them
+    ):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @contextmanager

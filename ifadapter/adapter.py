@@ -410,7 +410,9 @@ class IFAdapter(ModelMixin, ConfigMixin):
         adapter = cls.from_config(cls.load_config(directory))
         adapter.load_state_dict(load_file(weights), strict=True)
         if dtype is not None:
-            adapter.to(dtype)
+            # nn.Module's cast: ModelMixin.to warns on every dtype cast of a model that keeps no
+            # module in float32 (diffusers 0.42 reads its empty list as "some").
+            nn.Module.to(adapter, dtype)
         if device is not None:
             adapter.to(device)
         return adapter.eval()

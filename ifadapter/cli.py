@@ -191,9 +191,7 @@ def run_generate(args: argparse.Namespace) -> None:
     # encoders in float16 (transformers keeps the stored dtype) beside a float32 UNet.
     dtype = torch.float32 if torch.device(device).type == "cpu" else torch.float16
     adapter = IFAdapter.from_pretrained(args.adapter, dtype=dtype)
-    pipe = IFAdapterSDXLPipeline.from_pretrained(
-        check_base(args.base), adapter=adapter, dtype=dtype
-    )
+    pipe = IFAdapterSDXLPipeline.from_pretrained(base, adapter=adapter, dtype=dtype)
     pipe = pipe.to(device)
     generator = torch.Generator(device).manual_seed(args.seed)
     images = pipe(

@@ -188,8 +188,15 @@ def test_draw_layout_marks_boxes():
     from PIL import Image
 
     image = Image.new("RGB", (64, 64), "white")
-    drawn = np.asarray(draw_layout(image, TWO, labels=False))
-    assert (drawn[0, 0] != 255).any() and (drawn[40, 10] == 255).all()
+    drawn = np.asarray(draw_layout(image, TWO))
+    # Enlarged by a whole factor to be legible (64 px -> 384), boxes and numbered tags drawn
+    # in black and white only: never a hue that the image is judged on.
+    assert drawn.shape == (384, 384, 3)
+    assert (drawn[..., 0] == drawn[..., 1]).all() and (drawn[..., 1] == drawn[..., 2]).all()
+    assert (drawn[:6, 100:190] == 0).any() and (drawn[40 * 6, 10 * 6] == 255).all()
+    assert (drawn[200:, :190] == 255).all()  # nothing outside the boxes
+    large = Image.new("RGB", (512, 512), "white")
+    assert draw_layout(large, TWO).size == (512, 512)
 
 
 def test_token_groups_drop_one_group_to_its_box_embedding(make_pipeline):

@@ -29,7 +29,7 @@ def test_train_base_writes_a_loadable_pipeline_and_its_record(tmp_path):
     assert set(saved["quality_gate"]["failed"]) == {"colour", "shape", "texture"}
     assert set(saved["vae_round_trip"]) == {"psnr", "placement", "ifs", "instances"}
     assert [entry["stage"] for entry in saved["log"]].count("decoder") == 2
-    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path, torch_dtype=torch.float32)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path, dtype=torch.float32)
     assert pipe.vae.config.scaling_factor == record["vae_scaling_factor"]
     assert pipe.unet.config.cross_attention_dim == 128
     image = pipe("a red solid circle", num_inference_steps=2, output_type="np").images

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 
@@ -33,6 +34,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run_train(args: argparse.Namespace) -> None:
+    from flows.ray_session import connect, ray_scope
+    from ifadapter.base_model import check_base
     from training.config import load_train_config
     from training.run import train
 
@@ -45,7 +48,10 @@ def run_train(args: argparse.Namespace) -> None:
         max_steps=args.max_steps,
         num_workers=args.num_workers,
     )
-    result = train(config, progress=True)
+    check_base(config.base, local_only=True)  # before Ray starts: a missing base is one line
+    with ray_scope():
+        connect(os.environ.get("RAY_ADDRESS"))
+        result = train(config, progress=True)
     summary = {
         "adapter": str(result.adapter_dir),
         "run": str(result.run_dir),
