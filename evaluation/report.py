@@ -292,12 +292,15 @@ def findings(metrics: Mapping) -> list[str]:
     if all(name in ifs for name in ABLATION):
         measured = sorted(ABLATION, key=lambda name: -ifs[name])
         paper = sorted(ABLATION, key=lambda name: -ABLATION[name])
-        order = " > ".join(f"{name} ({100 * ifs[name]:.1f}%)" for name in measured)
-        verdict = (
-            "the paper's order"
-            if measured == paper
-            else "not the paper's order (" + " > ".join(paper) + ")"
-        )
+        rates = {name: round(100 * ifs[name], 1) for name in measured}
+        tied = len(set(rates.values())) < len(rates)  # a tie orders nothing
+        order = (", " if tied else " > ").join(f"{n} ({rates[n]:.1f}%)" for n in measured)
+        if tied:
+            verdict = "tied, so no order to compare with the paper's (" + " > ".join(paper) + ")"
+        elif measured == paper:
+            verdict = "the paper's order"
+        else:
+            verdict = "not the paper's order (" + " > ".join(paper) + ")"
         found.append(f"Token-group ablation, by IFS: {order}: {verdict}.")
     return found
 

@@ -302,4 +302,6 @@ def test_findings_compare_the_adapter_and_rank_the_ablation():
     assert ablation.endswith(": the paper's order.")
     swapped = {**paper_order, "ifadapter-no-eot": method(0.75)}
     assert "not the paper's order" in findings({"methods": swapped})[1]
+    level = {name: method(0.0) for name in paper_order}
+    assert "tied, so no order to compare" in findings({"methods": level})[1]
     assert findings({"methods": {"base": method(0.1)}}) == []
