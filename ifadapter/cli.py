@@ -7,7 +7,6 @@ traceback; ``IFADAPTER_DEBUG=1`` shows the traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -37,7 +36,11 @@ def _generation_args(parser: argparse.ArgumentParser) -> None:
         "(the released code's choice, default) or nothing (guidance then amplifies the layout)",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the generator for the whole file (default 0)"
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the first image; image k of the run (layout by layout) gets seed + k "
+        "(default 0)",
     )
     parser.add_argument("--num-images", type=int, default=1, help="images per layout (default 1)")
     parser.add_argument(
@@ -100,7 +103,36 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--device", default=None, help="torch device (default: cuda when available, else cpu)"
     )
+    generate.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="layouts per pipeline call (default 8); the images do not depend on it",
+    )
     _generation_args(generate)
+
+    studio = commands.add_parser(
+        "studio",
+        help="compose layouts in the browser and generate them",
+        description="Starts a local web app: draw boxes on a canvas (or over a reference "
+        "image), describe each, generate with the adapter and the base beside it on the same "
+        "seed, and see each instance's verdict where a judge exists (the toy world's exact "
+        "verifiers). Layouts load and save as the files `ifadapter generate` reads; the "
+        "authors' released dataset/*.json files import too. docs/studio.md",
+    )
+    studio.add_argument(
+        "--base", default="models/toy-base", help="SDXL pipeline directory (default: the toy base)"
+    )
+    studio.add_argument(
+        "--adapter",
+        type=Path,
+        default=Path("models/toy-adapter"),
+        help="IFAdapter checkpoint directory (default: the shipped toy adapter)",
+    )
+    studio.add_argument("--port", type=int, default=7860, help="local port (default 7860)")
+    studio.add_argument(
+        "--device", default=None, help="torch device (default: cuda when available, else cpu)"
+    )
 
     convert = commands.add_parser(
         "convert-released",
@@ -135,39 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_layouts(path: Path) -> list:
-    from ifadapter.layout import Layout
-
-    if not path.is_file():
-        raise UsageError(f"layout file {path} does not exist")
-    text = path.read_text()
-    try:
-        data = json.loads(text)
-        items = data if isinstance(data, list) else [data]
-    except json.JSONDecodeError:
-        try:
-            items = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as error:
-            raise UsageError(f"{path} is neither JSON nor JSON lines: {error}") from None
-    layouts = []
-    for index, item in enumerate(items):
-        try:
-            layouts.append(Layout.from_dict(item))
-        except ValueError as error:
-            raise UsageError(f"{path}: layout {index}: {error}") from None
-    if not layouts:
-        raise UsageError(f"{path} holds no layout")
-    return layouts
-
-
-def save_images(images, layouts, out: Path, num_images: int) -> list[Path]:
+def save_images(images, layouts, out: Path, num_images: int, first: int = 0) -> list[Path]:
+    """Each image as ``LLLLL_J.png`` (layout ``first + L``, image J) and a copy with the boxes
+    drawn (``_boxes.png``)."""
     from ifadapter.visualize import draw_layout
 
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for index, image in enumerate(images):
         layout = layouts[index // num_images]
-        stem = f"{index // num_images:05d}_{index % num_images}"
+        stem = f"{first + index // num_images:05d}_{index % num_images}"
         image.save(out / f"{stem}.png")
         draw_layout(image, layout).save(out / f"{stem}_boxes.png")
         written.append(out / f"{stem}.png")
@@ -175,39 +184,39 @@ def save_images(images, layouts, out: Path, num_images: int) -> list[Path]:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    import torch
+    from tqdm import tqdm
 
-    from ifadapter.adapter import IFAdapter
-    from ifadapter.base_model import check_base
-    from ifadapter.pipeline import IFAdapterSDXLPipeline
+    from ifadapter.layout_files import read_layouts
+    from ifadapter.sampling import Sampling, default_device, generate, load_pipeline
 
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
     layouts = read_layouts(args.layouts)
-    base = check_base(args.base)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if not (args.adapter / "config.json").is_file():
-        raise UsageError(f"{args.adapter} is not an IFAdapter checkpoint (no config.json)")
-    # One dtype for the whole pipeline: float32 on the CPU (half-precision matmuls are slow or
-    # missing there), float16 elsewhere; a float16 checkpoint would otherwise load its text
-    # encoders in float16 (transformers keeps the stored dtype) beside a float32 UNet.
-    dtype = torch.float32 if torch.device(device).type == "cpu" else torch.float16
-    adapter = IFAdapter.from_pretrained(args.adapter, dtype=dtype)
-    pipe = IFAdapterSDXLPipeline.from_pretrained(base, adapter=adapter, dtype=dtype)
-    pipe = pipe.to(device)
-    generator = torch.Generator(device).manual_seed(args.seed)
-    images = pipe(
-        [layout.caption for layout in layouts],
-        [layout.instances for layout in layouts],
+    sampling = Sampling(
+        steps=args.steps,
+        guidance=args.guidance,
         control_ratio=args.control_ratio,
         unconditional_layout=args.unconditional_layout,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
-        num_images_per_prompt=args.num_images,
+        seed=args.seed,
+        num_images=args.num_images,
         height=args.height,
         width=args.width,
-        generator=generator,
-    ).images
-    written = save_images(images, layouts, args.out, args.num_images)
+    )
+    pipe = load_pipeline(args.base, args.adapter, args.device or default_device())
+    written = []
+    with tqdm(total=len(layouts) * args.num_images, unit="image", desc="generate") as bar:
+        for first in range(0, len(layouts), args.batch_size):
+            batch = layouts[first : first + args.batch_size]
+            images = generate(pipe, batch, sampling, first=first)
+            written += save_images(images, batch, args.out, args.num_images, first)
+            bar.update(len(images))
     print(f"wrote {len(written)} images to {args.out}")
+
+
+def run_studio(args: argparse.Namespace) -> None:
+    from evaluation.studio.app import serve
+
+    serve(args.base, args.adapter, port=args.port, device=args.device)
 
 
 def run_convert_released(args: argparse.Namespace) -> None:
@@ -258,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     runners = {
         "demo": run_demo,
         "generate": run_generate,
+        "studio": run_studio,
         "annotate": run_annotate,
         "train": run_train,
         "evaluate": run_evaluate,

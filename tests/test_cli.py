@@ -139,7 +139,7 @@ def test_help_and_version_answer_without_loading_models():
         "        main(argv.split())\n"
         "    except SystemExit as done:\n"
         "        assert done.code == 0, (argv, done.code)\n"
-        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'ray', 'prefect')\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'ray', 'prefect', 'gradio')\n"
         "         if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
@@ -153,6 +153,7 @@ def test_help_and_version_answer_without_loading_models():
             "evaluate",
             "pipeline",
             "convert-released",
+            "studio",
         )
     ]
     result = subprocess.run(
