@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import os
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -27,6 +27,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint as checkpoint_module
 
 from ifadapter.attention_processor import (
     IFAdapterAttnProcessor,
@@ -401,6 +402,8 @@ class IFAdapter(ModelMixin, ConfigMixin):
                 f"IFAdapter.from_pretrained does not offload ({', '.join(given)}); "
                 "load it, then place it with .to()"
             )
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise TypeError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass one")
         dtype = dtype or torch_dtype
         directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
         name = weights_name(variant)
@@ -416,6 +419,27 @@ class IFAdapter(ModelMixin, ConfigMixin):
         if device is not None:
             adapter.to(device)
         return adapter.eval()
+
+
+def checkpoint_with_conditioning(adapter: IFAdapter) -> Callable:
+    """Gradient checkpointing that replays the adapter's conditioning.
+
+    The ISM processors read the conditioning the adapter activates around a UNet call; a
+    checkpointed block is run again during backward, after that call has returned. This function
+    captures the active conditioning at forward time and activates it again for the replay, so
+    the recomputed block is the block that ran.
+    """
+
+    def checkpoint(module: nn.Module, *args):
+        conditioning = adapter.active_conditioning()
+
+        def run(*inputs):
+            with adapter.activated(conditioning):
+                return module(*inputs)
+
+        return checkpoint_module(run, *args, use_reentrant=False)
+
+    return checkpoint
 
 
 def _attention(unet: UNet2DConditionModel, name: str) -> nn.Module:

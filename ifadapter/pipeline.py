@@ -14,6 +14,7 @@ box embedding, or nothing), and a step-end callback switches the adapter off aft
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, Literal
 
@@ -73,14 +74,35 @@ class IFAdapterSDXLPipeline(StableDiffusionXLPipeline):
         )
         if adapter is not None:
             adapter.check_unet(unet)
+            _follow(adapter, unet)
         self.register_modules(adapter=adapter)
 
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike | None, **kwargs
+    ) -> IFAdapterSDXLPipeline:
+        """The stock loader, with one dtype for every component: ``dtype`` (diffusers' current
+        name) or ``torch_dtype`` (its older one), else float32.
+
+        The stock default keeps each library's habit: transformers loads the text encoders in
+        the dtype they were stored in, diffusers the UNet and VAE in float32, so a checkpoint
+        stored in float16 (the shipped toy base, most SDXL checkpoints) loads as a mixture that
+        fails at the first matmul. float32 is the CPU's precision (where loading puts the
+        weights); a GPU user asks for float16 or bfloat16. An adapter passed as ``adapter=``
+        follows the UNet's dtype and device."""
+        dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
+        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+            raise TypeError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass one")
+        kwargs["dtype"] = dtype or torch_dtype or torch.float32
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
     def set_adapter(self, adapter: IFAdapter | None) -> None:
-        """Attaches, replaces or (None) removes the adapter. Nothing on the UNet changes: the
-        adapter wraps its processors during each call with instances only."""
+        """Attaches, replaces or (None) removes the adapter, moved to the UNet's device and
+        dtype. Nothing on the UNet changes: the adapter wraps its processors during each call
+        with instances only."""
         if adapter is not None:
             adapter.check_unet(self.unet)
-            adapter.to(self.unet.device)
+            _follow(adapter, self.unet)
         self.register_modules(adapter=adapter)
 
     def layouts(self, prompt: str | Sequence[str], instances: Instances | None) -> list[Layout]:
@@ -115,19 +137,15 @@ class IFAdapterSDXLPipeline(StableDiffusionXLPipeline):
             raise ValueError(
                 f"unconditional_layout must be 'boxes' or 'none', got {unconditional_layout!r}"
             )
-        if self.text_encoder.device.type == "meta":
-            # Sequential CPU offload leaves the encoders' weights on "meta" between forwards, and
-            # the instance encoding (ifadapter.text) puts its token ids on the encoder's device.
-            raise RuntimeError(
-                "instances cannot be encoded under enable_sequential_cpu_offload() (the text "
-                "encoders' weights are on the meta device); use enable_model_cpu_offload()"
-            )
         tensors = LayoutTensors.from_layouts(layouts)
+        # The execution device, not the encoders': under sequential CPU offload their weights
+        # sit on the meta device between forwards.
         features = encode_instances(
             [self.tokenizer, self.tokenizer_2],
             [self.text_encoder, self.text_encoder_2],
             tensors,
             self.adapter.config.text_encoder_layers,
+            self._execution_device,
         ).to(self.adapter.device, self.adapter.dtype)
         features = features.repeat_interleave(num_images_per_prompt)
         tokens = self.adapter.instance_tokens(features, token_groups=token_groups)
@@ -309,3 +327,11 @@ class IFAdapterSDXLPipeline(StableDiffusionXLPipeline):
                 callback_on_step_end=step_end,
                 callback_on_step_end_tensor_inputs=list(tensor_inputs),
             )
+
+
+def _follow(adapter: IFAdapter, unet: torch.nn.Module) -> None:
+    """The adapter on the UNet's device and in its dtype: one precision for the pipeline (a
+    float32 adapter beside a float16 UNet would hold twice its memory and cast its keys and
+    values at every attention call). nn.Module's cast: ModelMixin.to warns at every cast."""
+    if adapter.device != unet.device or adapter.dtype != unet.dtype:
+        torch.nn.Module.to(adapter, unet.device, unet.dtype)

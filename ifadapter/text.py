@@ -79,12 +79,16 @@ def encode_descriptions(
     text_encoders: Sequence[torch.nn.Module],
     captions: Sequence[str],
     layers: Sequence[int],
+    device: torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """captions (M,) -> words (M, k, T, D), word_mask (M, T), eot (M, D).
 
     D is the sum of the encoders' hidden sizes; T is trimmed to the longest description.
+    ``device`` is where the token ids go, by default the first encoder's; a pipeline under
+    sequential CPU offload passes its execution device, since its encoders' weights sit on
+    the meta device between forwards.
     """
-    device = text_encoders[0].device
+    device = device or text_encoders[0].device
     words, eots, word_mask, length = [], [], None, 1
     for tokenizer, encoder in zip(tokenizers, text_encoders, strict=True):
         ids = tokenizer(
@@ -110,16 +114,18 @@ def encode_instances(
     text_encoders: Sequence[torch.nn.Module],
     layouts: LayoutTensors,
     layers: Sequence[int],
+    device: torch.device | None = None,
 ) -> InstanceFeatures:
-    """Encodes every instance description of a batch of layouts into padded features."""
+    """Encodes every instance description of a batch of layouts into padded features, on
+    ``device`` (see ``encode_descriptions``)."""
     batch, count = layouts.mask.shape
     captions = [caption for row in layouts.captions for caption in row]
     hidden = sum(encoder.config.hidden_size for encoder in text_encoders)
-    device = text_encoders[0].device
+    device = device or text_encoders[0].device
     dtype = text_encoders[0].dtype
     if captions:
         flat_words, flat_word_mask, flat_eot = encode_descriptions(
-            tokenizers, text_encoders, captions, layers
+            tokenizers, text_encoders, captions, layers, device
         )
     else:
         flat_words = torch.zeros(0, len(layers), 1, hidden, device=device, dtype=dtype)

@@ -225,12 +225,17 @@ def test_model_offload_keeps_the_adapter_on_the_execution_device():
     )
 
 
-def test_sequential_offload_with_instances_is_refused(make_pipeline):
-    """Sequential offload keeps weights on the meta device between forwards (as here)."""
-    pipe = make_pipeline()
-    pipe.text_encoder.to("meta")
-    with pytest.raises(RuntimeError, match="enable_sequential_cpu_offload"):
-        run(pipe)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="sequential offload needs CUDA")
+def test_sequential_offload_keeps_the_adapter(make_pipeline):
+    """Sequential offload keeps the encoders' weights on the meta device between forwards: the
+    instance token ids go to the pipeline's execution device instead."""
+    pipe = make_pipeline(gate=1.0).to("cuda")
+    expected = run(pipe)
+    pipe = make_pipeline(gate=1.0)
+    pipe.enable_sequential_cpu_offload()
+    assert pipe.text_encoder.device.type == "meta"
+    np.testing.assert_allclose(run(pipe), expected, atol=1e-4)
 
 
 # ----------------------------------------------------------------- adapter checkpoints

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ifadapter import DEFAULT_LAYER_PATTERNS, IFAdapter, diffusion_loss
-from ifadapter.adapter import WEIGHTS_NAME
+from ifadapter.adapter import WEIGHTS_NAME, checkpoint_with_conditioning
 from ifadapter.loss import freeze_base
 from training.cache import CacheInfo
 from training.config import TrainConfig
@@ -55,27 +55,6 @@ RUN_FILE = "run.json"
 
 def rng_file(rank: int) -> str:
     return f"rng-rank{rank}.safetensors"
-
-
-def checkpoint_with_conditioning(adapter: IFAdapter) -> Callable:
-    """Gradient checkpointing that replays the adapter's conditioning.
-
-    The ISM processors read the conditioning the adapter activates around a UNet call; a
-    checkpointed block is run again during backward, after that call has returned. This function
-    captures the active conditioning at forward time and activates it again for the replay, so
-    the recomputed block is the block that ran.
-    """
-
-    def checkpoint(module: nn.Module, *args):
-        conditioning = adapter.active_conditioning()
-
-        def run(*inputs):
-            with adapter.activated(conditioning):
-                return module(*inputs)
-
-        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
-
-    return checkpoint
 
 
 def new_adapter(unet: UNet2DConditionModel, config: TrainConfig) -> IFAdapter:
@@ -121,11 +100,20 @@ class AdapterTrainer:
         device: torch.device,
         rank: int = 0,
         world_size: int = 1,
+        autocast_dtype: torch.dtype | None = None,
     ) -> None:
+        """``autocast_dtype`` None follows the config: bf16 autocast on a GPU with
+        ``mixed_precision: bf16``, float32 elsewhere (half-precision kernels are slow on a
+        CPU). A dtype runs that autocast on any device (the half-precision tests run both
+        on the CPU); float16 adds loss scaling, which its narrow exponent range needs. The
+        frozen UNet is held in the autocast dtype, the adapter's weights in float32."""
         self.config, self.samples, self.device = config, samples, device
         self.rank, self.world_size = rank, world_size
         on_gpu = device.type == "cuda" and config.mixed_precision == "bf16"
-        self.autocast_dtype = torch.bfloat16 if on_gpu else None
+        self.autocast_dtype = autocast_dtype or (torch.bfloat16 if on_gpu else None)
+        self.scaler = torch.amp.GradScaler(
+            device.type, enabled=self.autocast_dtype == torch.float16
+        )
         self.unet = UNet2DConditionModel.from_pretrained(
             config.base, subfolder="unet", dtype=self.autocast_dtype or torch.float32
         )
@@ -194,11 +182,13 @@ class AdapterTrainer:
                         self.plan.generators(step, positions),
                         config.timestep_sampling,
                     )
-                (loss / accumulation).backward()
+                self.scaler.scale(loss / accumulation).backward()
             total += loss.detach() / accumulation
+        self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), config.max_grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.lr_schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
