@@ -107,12 +107,15 @@ class PipelineParams(BaseModel):
             manifest = self.shards_dir / "_manifest.json"
             if not manifest.is_file():
                 raise ValueError(f"{self.shards_dir} is not a shard dataset (no {manifest.name})")
-        if "annotate" in chosen:
-            _check_source("input", self.input)
-        if self.benchmark_input:
-            _check_source("benchmark_input", self.benchmark_input)
-        elif "evaluate" in chosen:
-            _check_benchmark(self.config, document["evaluate"])
+        # Through a job server the stages read their paths on the cluster's storage, which this
+        # machine need not see: the stage reports what it cannot open.
+        if not (self.ray_address or "").startswith(("http://", "https://")):
+            if "annotate" in chosen:
+                _check_source("input", self.input)
+            if self.benchmark_input:
+                _check_source("benchmark_input", self.benchmark_input)
+            elif "evaluate" in chosen:
+                _check_benchmark(self.config, document["evaluate"])
         self._present = present
         return self
 

@@ -130,3 +130,17 @@ def test_retries_only_what_a_retry_can_cure():
         assert not transient(None, None, Failed(data=final))
     for passing in (ConnectionError("x"), ray.exceptions.RaySystemError("x"), OSError("x")):
         assert transient(None, None, Failed(data=passing))
+
+
+def test_paths_behind_a_job_server_are_left_to_the_cluster():
+    """Submitted to a job server, the stages open their inputs on the cluster's storage, which
+    the submitting machine need not see: only the local checks are skipped."""
+    params = check_params(
+        config=str(TINY_PROFILE),
+        input="/cluster/photos",
+        output="o",
+        ray_address="http://head:8265",
+    )
+    assert params.chosen() == ["annotate", "cache", "train", "evaluate"]
+    with pytest.raises(ValueError, match="input /cluster/photos is not an image folder"):
+        check_params(config=str(TINY_PROFILE), input="/cluster/photos", output="o")

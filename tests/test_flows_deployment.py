@@ -100,9 +100,11 @@ def test_deployment_run_end_to_end(tmp_path):
         finally:
             stop(worker)
 
+        # A deployment run's parameters come from the UI or --param: the flow checks them before
+        # any stage starts, and the run fails with the fault in its state message.
         assert failed["type"] == "FAILED"
-        assert "annotate stage failed" in failed["message"], failed
-        assert "no-such-folder" in failed["message"], failed
+        assert "invalid pipeline parameters: input:" in failed["message"], failed
+        assert "no-such-folder is not an image folder" in failed["message"], failed
 
         artifacts = api(url, "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [good]}}})
         keys = {a["key"]: a for a in artifacts}  # type: ignore[union-attr]
