@@ -148,7 +148,9 @@ class GenerationConfig(BaseModel):
     batch_size: PositiveInt = 8
     height: PositiveInt | None = None  # None: the pipeline's default size
     width: PositiveInt | None = None
-    dtype: str = Field("float32", pattern=r"^(float32|float16|bfloat16)$")
+    # None: by the device, float32 on the CPU (half-precision matmuls are slow or missing
+    # there) and float16 on an accelerator, as `ifadapter generate` chooses.
+    dtype: str | None = Field(None, pattern=r"^(float32|float16|bfloat16)$")
 
 
 class ReportConfig(BaseModel):

@@ -68,7 +68,8 @@ class DiffusionRunner(Runner):
         self, settings: BaseModel, device: str, generation: GenerationConfig, benchmark: Benchmark
     ):
         super().__init__(settings, device, generation, benchmark)
-        self.dtype = getattr(torch, generation.dtype)
+        default = "float32" if torch.device(device).type == "cpu" else "float16"
+        self.dtype = getattr(torch, generation.dtype or default)
 
     def _ready(self, pipe):
         pipe = pipe.to(self.device)
