@@ -14,6 +14,8 @@ from pathlib import Path
 
 from ifadapter import __version__
 
+MODELS = Path(__file__).resolve().parent.parent / "models"  # the shipped toy models
+
 
 class UsageError(Exception):
     """Bad input from the user: reported as one line, exit status 2."""
@@ -107,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size",
         type=int,
         default=8,
-        help="layouts per pipeline call (default 8); the images do not depend on it",
+        help="layouts per pipeline call (default 8); each image keeps its seed whatever the "
+        "batches",
     )
     _generation_args(generate)
 
@@ -121,13 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
         "authors' released dataset/*.json files import too. docs/studio.md",
     )
     studio.add_argument(
-        "--base", default="models/toy-base", help="SDXL pipeline directory (default: the toy base)"
+        "--base",
+        default=str(MODELS / "toy-base"),
+        help="SDXL pipeline directory or hub id (default: the toy base in models/)",
     )
     studio.add_argument(
         "--adapter",
         type=Path,
-        default=Path("models/toy-adapter"),
-        help="IFAdapter checkpoint directory (default: the shipped toy adapter)",
+        default=MODELS / "toy-adapter",
+        help="IFAdapter checkpoint directory (default: the toy adapter in models/)",
     )
     studio.add_argument("--port", type=int, default=7860, help="local port (default 7860)")
     studio.add_argument(

@@ -9,8 +9,10 @@ page (or an error message for a file it cannot read at all) and leaves the canva
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
@@ -45,6 +47,25 @@ VERDICT_COLUMNS = [
     "verdict",
 ]
 MARKS = {True: "✓", False: "✗", None: "–"}
+
+
+def refusals(outputs: int) -> Callable:
+    """A handler whose bad input (``ValueError``, or ``TypeError`` from an emptied number
+    field) leaves every output as it was and says why in the notes, its last output: Gradio's
+    own error state would mark every output of the event, the canvas too, as failed."""
+
+    def wrap(handler: Callable) -> Callable:
+        @functools.wraps(handler)
+        def run(*args, **kwargs):
+            try:
+                return handler(*args, **kwargs)
+            except (ValueError, TypeError) as error:
+                gr.Warning(str(error))
+                return (*[gr.skip()] * (outputs - 1), f"**Not done:** {error}")
+
+        return run
+
+    return wrap
 
 
 def blank_canvas(width: int, height: int) -> Image.Image:
@@ -137,8 +158,8 @@ def build(studio: Studio) -> gr.Blocks:
                 run = gr.Button("Generate", variant="primary", elem_id="generate")
                 notes = gr.Markdown(elem_id="notes")
                 with gr.Accordion("Layout file", open=True):
-                    upload = gr.File(
-                        label="Load JSON / JSONL (or the authors' dataset/*.json)",
+                    upload = gr.UploadButton(
+                        "Load JSON / JSONL (or the authors' dataset/*.json)",
                         file_types=[".json", ".jsonl"],
                         elem_id="load",
                     )
@@ -164,30 +185,29 @@ def build(studio: Studio) -> gr.Blocks:
 
         def current(text: str, value: dict | None, exact: Layout | None):
             if not value or value.get("image") is None:
-                raise gr.Error("the canvas holds no picture: make a blank canvas or upload one")
+                raise ValueError("the canvas holds no picture: make a blank canvas or upload one")
             return from_canvas(text or "", value.get("boxes") or [], value["image"].size, exact)
 
         def show(layout: Layout, picture: Image.Image) -> dict:
             return {"image": picture, "boxes": to_canvas(layout, picture.size)}
 
+        @refusals(3)
         def on_blank(w, h, text, value, exact):
-            try:
-                studio.check_size(int(w), int(h))
-            except (TypeError, ValueError) as error:
-                raise gr.Error(str(error)) from None
+            studio.check_size(int(w), int(h))
             checked = current(text, value, exact)
             picture = blank_canvas(int(w), int(h))
             return show(checked.layout, picture), checked.layout, notes_markdown(checked.notes)
 
+        @refusals(6)
         def on_upload(file, canvas_px, value):
             if file is None:
                 return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
             path = Path(file)
             try:
                 text = path.read_text()
-                found = read_layouts(text, path.name, int(canvas_px or 768))
-            except (UnicodeDecodeError, ValueError) as error:
-                raise gr.Error(f"{path.name}: {error}") from None
+            except UnicodeDecodeError:
+                raise ValueError(f"{path.name} is not a text file") from None
+            found = read_layouts(text, path.name, int(canvas_px or 768))
             picture = value["image"] if value and value.get("image") is not None else None
             picture = picture or blank_canvas(width0, height0)
             first = found.layouts[0]
@@ -208,6 +228,7 @@ def build(studio: Studio) -> gr.Blocks:
             layout = layouts[int(name.split(":")[0]) - 1]
             return show(layout, value["image"]), layout.caption, layout
 
+        @refusals(2)
         def on_save(text, value, exact):
             checked = current(text, value, exact)
             folder = Path(tempfile.mkdtemp(prefix="ifadapter-layout-"))
@@ -215,6 +236,7 @@ def build(studio: Studio) -> gr.Blocks:
             return str(folder / "layout.json"), notes_markdown(checked.notes)
 
         # Gradio recognises the progress tracker by this default.
+        @refusals(5)
         def on_generate(
             text,
             value,
@@ -230,22 +252,18 @@ def build(studio: Studio) -> gr.Blocks:
             progress=gr.Progress(),  # noqa: B008
         ):
             checked = current(text, value, exact)
-            try:
-                sampling = Sampling(
-                    steps=int(n_steps),
-                    guidance=float(g),
-                    control_ratio=float(ratio),
-                    unconditional_layout=uncond,
-                    seed=int(s),
-                    num_images=int(n),
-                    width=int(w),
-                    height=int(h),
-                )
-                result = studio.run(
-                    checked.layout, sampling, lambda share, what: progress(share, desc=what)
-                )
-            except (TypeError, ValueError) as error:
-                raise gr.Error(str(error)) from None
+            sampling = Sampling(
+                steps=int(n_steps),
+                guidance=float(g),
+                control_ratio=float(ratio),
+                unconditional_layout=uncond,
+                seed=int(s),
+                num_images=int(n),
+                width=int(w),
+                height=int(h),
+            )
+            report = lambda share, what: progress(share, desc=what)  # noqa: E731
+            result = studio.run(checked.layout, sampling, report)
             done = f"generated in {result.seconds:.1f} s ({len(checked.layout.instances)} boxes)"
             return (
                 gallery(
