@@ -104,7 +104,9 @@ class TrainConfig(_Strict):
     drop_local: float = Field(0.15, ge=0, le=1, description="CFG dropout of instance conditions")
     drop_global: float = Field(0.30, ge=0, le=1, description="CFG dropout of the caption")
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the adapter, or none")
-    mixed_precision: Literal["bf16", "no"] = Field("bf16", description="bf16 autocast on GPU")
+    mixed_precision: Literal["bf16", "fp16", "no"] = Field(
+        "bf16", description="autocast on GPU: bf16, or fp16 with loss scaling (cards without bf16)"
+    )
     gradient_checkpointing: bool = True
 
     num_workers: int = Field(1, gt=0)

@@ -102,15 +102,15 @@ class AdapterTrainer:
         world_size: int = 1,
         autocast_dtype: torch.dtype | None = None,
     ) -> None:
-        """``autocast_dtype`` None follows the config: bf16 autocast on a GPU with
-        ``mixed_precision: bf16``, float32 elsewhere (half-precision kernels are slow on a
+        """``autocast_dtype`` None follows the config: autocast in ``mixed_precision`` (bf16
+        or fp16) on a GPU, float32 elsewhere (half-precision kernels are slow on a
         CPU). A dtype runs that autocast on any device (the half-precision tests run both
         on the CPU); float16 adds loss scaling, which its narrow exponent range needs. The
         frozen UNet is held in the autocast dtype, the adapter's weights in float32."""
         self.config, self.samples, self.device = config, samples, device
         self.rank, self.world_size = rank, world_size
-        on_gpu = device.type == "cuda" and config.mixed_precision == "bf16"
-        self.autocast_dtype = autocast_dtype or (torch.bfloat16 if on_gpu else None)
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
+        self.autocast_dtype = autocast_dtype or (half if device.type == "cuda" else None)
         self.scaler = torch.amp.GradScaler(
             device.type, enabled=self.autocast_dtype == torch.float16
         )
