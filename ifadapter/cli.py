@@ -134,6 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=MODELS / "toy-adapter",
         help="IFAdapter checkpoint directory (default: the toy adapter in models/)",
     )
+    studio.add_argument(
+        "--judges",
+        type=Path,
+        help="a profile whose evaluate: section's detector and VLM judges judge each instance "
+        "(real models; default: the toy world's exact verifiers)",
+    )
+    studio.add_argument("--lora", help="a LoRA for the base (file, directory or hub id)")
+    studio.add_argument(
+        "--lora-scale", type=float, default=1.0, help="the LoRA's weight (default 1.0)"
+    )
     studio.add_argument("--port", type=int, default=7860, help="local port (default 7860)")
     studio.add_argument(
         "--device", default=None, help="torch device (default: cuda when available, else cpu)"
@@ -221,7 +231,15 @@ def run_generate(args: argparse.Namespace) -> None:
 def run_studio(args: argparse.Namespace) -> None:
     from evaluation.studio.app import serve
 
-    serve(args.base, args.adapter, port=args.port, device=args.device)
+    serve(
+        args.base,
+        args.adapter,
+        port=args.port,
+        device=args.device,
+        judges=args.judges,
+        lora=args.lora,
+        lora_scale=args.lora_scale,
+    )
 
 
 def run_convert_released(args: argparse.Namespace) -> None:

@@ -56,7 +56,9 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_pipeline(base: str, adapter: Path, device: str) -> IFAdapterSDXLPipeline:
+def load_pipeline(
+    base: str, adapter: Path, device: str, lora: str | None = None, lora_scale: float = 1.0
+) -> IFAdapterSDXLPipeline:
     """The base with the adapter, in one dtype: float32 on the CPU (half-precision matmuls are
     slow or missing there), float16 elsewhere; a float16 checkpoint would otherwise load its text
     encoders in float16 (transformers keeps the stored dtype) beside a float32 UNet."""
@@ -72,6 +74,9 @@ def load_pipeline(base: str, adapter: Path, device: str) -> IFAdapterSDXLPipelin
     dtype = torch.float32 if torch.device(device).type == "cpu" else torch.float16
     weights = IFAdapter.from_pretrained(adapter, dtype=dtype)
     pipe = IFAdapterSDXLPipeline.from_pretrained(base, adapter=weights, dtype=dtype)
+    if lora is not None:  # a style LoRA on the base (diffusers' loader), beside the adapter
+        pipe.load_lora_weights(lora, adapter_name="style")
+        pipe.set_adapters(["style"], [lora_scale])
     pipe.set_progress_bar_config(disable=True)  # the callers show their own progress
     return pipe.to(device)
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from annotate.toy_world import ToyInstance, ToyScene, render
 from evaluation.studio.engine import Studio
-from evaluation.studio.judging import judge
+from evaluation.studio.judging import ToyJudging
 from evaluation.studio.layouts import from_canvas, layout_json, read_layouts, to_canvas
 from ifadapter.cli import main
 from ifadapter.layout import Instance, Layout
@@ -131,7 +131,7 @@ def test_verdicts_of_a_true_render_a_blank_image_and_an_unjudgeable_description(
             Instance((0.6, 0.05, 0.9, 0.35), "a green solid triangle"),
         ],
     )
-    verdicts = judge(image, layout)
+    verdicts = ToyJudging().judge(image, layout)
     assert [v.right for v in verdicts] == [True, True, False, False]
     assert verdicts[0].iou > 0.8 and verdicts[0].attributes == {
         "colour": True,
@@ -141,7 +141,9 @@ def test_verdicts_of_a_true_render_a_blank_image_and_an_unjudgeable_description(
     assert verdicts[2].summary == "no judge for this description" and not verdicts[2].judged
     assert verdicts[3].judged and not verdicts[3].found
     assert verdicts[3].summary.startswith("not found (IoU 0.00")
-    wrong = judge(image, Layout("x", [Instance(instances[0].box, "a red striped circle")]))[0]
+    wrong = ToyJudging().judge(
+        image, Layout("x", [Instance(instances[0].box, "a red striped circle")])
+    )[0]
     assert wrong.found and not wrong.right and "texture" in wrong.summary
 
 
@@ -240,3 +242,79 @@ def test_sizes_the_unet_cannot_take_are_refused(studio):
     assert studio.default_size == (64, 64) and studio.size_step == 16
     with pytest.raises(ValueError, match="width 60 must be a positive multiple of 16"):
         studio.run(toy_layout(), Sampling(steps=1, width=60, height=64))
+
+
+def test_profile_judges_find_and_ask_as_the_benchmark_does(
+    tmp_path, tiny_models_root, tiny_vlm, one_torch_thread
+):
+    """``--judges PROFILE``: the profile's detector (tiny Grounding-DINO, prompted with each
+    description) and VLM judge (tiny Qwen2-VL in process) judge each instance; the table's
+    columns are the judges. Random weights: the answers mean nothing, every step is real."""
+    import yaml
+
+    from evaluation.studio.judging import ProfileJudging
+
+    profile = tmp_path / "judges.yaml"
+    detector = tiny_models_root / "out" / "tiny-models" / "grounding-dino"
+    section = {
+        "benchmark": {"file": str(tmp_path / "b.json"), "shards": str(tmp_path), "count": 1},
+        "detector": {"backend": "grounding_dino", "model": str(detector), "box_threshold": 0.0},
+        "judges": [{"name": "qwen", "backend": "vlm_transformers", "model": str(tiny_vlm())}],
+        "methods": [{"name": "real", "runner": "real"}],
+        # random-weight boxes are small: a low threshold lets instances through to the judge
+        "metrics": {"iou_threshold": 0.001, "clip": None, "fid": None},
+    }
+    profile.write_text(yaml.safe_dump({"evaluate": section}))
+    judging = ProfileJudging(profile, "cpu")
+    assert judging.columns == ("qwen",) and "grounding_dino" in judging.name
+    layout = Layout(
+        "a room",
+        [
+            Instance((0.0, 0.0, 1.0, 1.0), "a green velvet armchair"),
+            Instance((0.5, 0.5, 0.9, 0.9), "a framed watercolor"),
+        ],
+    )
+    verdicts = judging.judge(Image.new("RGB", (64, 64), (120, 160, 90)), layout)
+    assert [v.number for v in verdicts] == [1, 2] and all(v.judged for v in verdicts)
+    found = [v for v in verdicts if v.found]
+    assert found, "the full-image box matches some detection at the low threshold"
+    for verdict in found:
+        assert set(verdict.attributes) == {"qwen"}
+        assert verdict.right == verdict.attributes["qwen"]
+    bad = tmp_path / "no-judges.yaml"
+    no_judges = {**section, "judges": [], "metrics": {**section["metrics"], "ifs": False}}
+    bad.write_text(yaml.safe_dump({"evaluate": no_judges}))
+    with pytest.raises(ValueError, match="names no detector or no judge"):
+        ProfileJudging(bad, "cpu")
+
+
+def test_a_lora_on_the_base_changes_the_studio_images(tmp_path):
+    """``--lora``: a LoRA saved as diffusers saves them is loaded onto the base beside the
+    adapter; at scale 0 the images are the plain ones."""
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    base, adapter = str(REPO / "models" / "toy-base"), REPO / "models" / "toy-adapter"
+    pipe = StableDiffusionXLPipeline.from_pretrained(base, dtype=torch.float32)
+    torch.manual_seed(0)
+    pipe.unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], init_lora_weights=False)
+    )
+    StableDiffusionXLPipeline.save_lora_weights(
+        tmp_path / "lora",
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet)),
+    )
+    sampling = Sampling(steps=2, guidance=5.0, seed=3)
+
+    def pixels(**lora) -> np.ndarray:
+        studio = Studio.load(base, adapter, "cpu", **lora)
+        return np.asarray(studio.run(toy_layout(1), sampling).adapter_images[0], dtype=float)
+
+    plain = pixels()
+    styled = Studio.load(base, adapter, "cpu", lora=str(tmp_path / "lora"))
+    assert styled.lora == str(tmp_path / "lora")
+    assert np.abs(pixels(lora=str(tmp_path / "lora")) - plain).mean() > 1
+    assert np.array_equal(pixels(lora=str(tmp_path / "lora"), lora_scale=0.0), plain)

@@ -35,17 +35,9 @@ import gradio as gr
 from gradio_image_annotation import image_annotator
 
 CANVAS_COLOUR = (246, 246, 242)
-VERDICT_COLUMNS = [
-    "image",
-    "model",
-    "#",
-    "instance",
-    "IoU",
-    "colour",
-    "shape",
-    "texture",
-    "verdict",
-]
+# The verdict table: these, the judging's own columns (the toy world's attributes, or one per
+# VLM judge), then the verdict.
+LEADING_COLUMNS = ["image", "model", "#", "instance", "IoU"]
 MARKS = {True: "✓", False: "✗", None: "–"}
 
 
@@ -76,7 +68,7 @@ def notes_markdown(notes: list[str]) -> str:
     return "\n".join(f"- {note}" for note in notes)
 
 
-def verdict_rows(result: Result) -> list[list]:
+def verdict_rows(result: Result, columns: tuple[str, ...]) -> list[list]:
     rows = []
     for model, verdicts in (("IFAdapter", result.adapter_verdicts), ("base", result.base_verdicts)):
         for seed, per_image in zip(result.seeds, verdicts, strict=True):
@@ -89,7 +81,7 @@ def verdict_rows(result: Result) -> list[list]:
                         v.number,
                         v.caption,
                         f"{v.iou:.2f}" if v.judged else "–",
-                        *(MARKS[seen.get(name)] for name in ("colour", "shape", "texture")),
+                        *(MARKS[seen.get(name)] for name in columns),
                         ("✓ " if v.right else "✗ " if v.judged else "") + v.summary,
                     ]
                 )
@@ -121,7 +113,8 @@ def write_outputs(result: Result) -> list[str]:
 
 def build(studio: Studio) -> gr.Blocks:
     width0, height0 = studio.default_size
-    title = f"base `{studio.base}` · adapter `{studio.adapter}` · {studio.pipe.device}"
+    lora = f" · LoRA `{studio.lora}`" if studio.lora else ""
+    title = f"base `{studio.base}` · adapter `{studio.adapter}`{lora} · {studio.pipe.device}"
     with gr.Blocks(title="IFAdapter layout studio", analytics_enabled=False) as page:
         gr.Markdown(f"## IFAdapter layout studio\n{title}")
         loaded = gr.State(None)  # the layout last put on the canvas (exact coordinates)
@@ -179,7 +172,9 @@ def build(studio: Studio) -> gr.Blocks:
                 elem_id="base-images",
             )
         verdicts = gr.Dataframe(
-            headers=VERDICT_COLUMNS, label="Verdicts (toy world's exact judges)", elem_id="verdicts"
+            headers=[*LEADING_COLUMNS, *studio.judging.columns, "verdict"],
+            label=f"Verdicts ({studio.judging.name})",
+            elem_id="verdicts",
         )
         files = gr.File(label="Images and layout", file_count="multiple", elem_id="files")
 
@@ -270,7 +265,7 @@ def build(studio: Studio) -> gr.Blocks:
                     result.adapter_images, result.layout, result.seeds, result.adapter_verdicts
                 ),
                 gallery(result.base_images, result.layout, result.seeds, result.base_verdicts),
-                verdict_rows(result),
+                verdict_rows(result, studio.judging.columns),
                 write_outputs(result),
                 notes_markdown([done, *checked.notes]),
             )
@@ -293,9 +288,17 @@ def build(studio: Studio) -> gr.Blocks:
     return page
 
 
-def serve(base: str, adapter: Path, port: int = 7860, device: str | None = None) -> None:
+def serve(
+    base: str,
+    adapter: Path,
+    port: int = 7860,
+    device: str | None = None,
+    judges: str | Path | None = None,
+    lora: str | None = None,
+    lora_scale: float = 1.0,
+) -> None:
     """Loads the models and serves the page on localhost until interrupted."""
-    studio = Studio.load(base, adapter, device)
+    studio = Studio.load(base, adapter, device, judges=judges, lora=lora, lora_scale=lora_scale)
     page = build(studio)
     page.queue(default_concurrency_limit=1).launch(
         server_name="127.0.0.1", server_port=port, show_error=True, inbrowser=False

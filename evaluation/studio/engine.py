@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from evaluation.studio.judging import InstanceVerdict, judge
+from evaluation.studio.judging import InstanceVerdict, Judging, ProfileJudging, ToyJudging
 from ifadapter.layout import Layout
 from ifadapter.pipeline import IFAdapterSDXLPipeline
 from ifadapter.sampling import Sampling, default_device, generate, load_pipeline
@@ -43,13 +43,35 @@ class Result:
 
 
 class Studio:
-    def __init__(self, pipe: IFAdapterSDXLPipeline, base: str, adapter: Path):
-        self.pipe, self.base, self.adapter = pipe, base, adapter
+    def __init__(
+        self,
+        pipe: IFAdapterSDXLPipeline,
+        base: str,
+        adapter: Path,
+        judging: Judging | None = None,
+        lora: str | None = None,
+    ):
+        self.pipe, self.base, self.adapter, self.lora = pipe, base, adapter, lora
+        self.judging = judging or ToyJudging()
         self._turn = threading.Lock()
 
     @classmethod
-    def load(cls, base: str, adapter: Path, device: str | None = None) -> Studio:
-        return cls(load_pipeline(base, adapter, device or default_device()), base, adapter)
+    def load(
+        cls,
+        base: str,
+        adapter: Path,
+        device: str | None = None,
+        judges: str | Path | None = None,
+        lora: str | None = None,
+        lora_scale: float = 1.0,
+    ) -> Studio:
+        """The pipeline (with ``lora`` fused at ``lora_scale``, if given) and the judging: the
+        detector and judges of the ``judges`` profile's ``evaluate:`` section, else the toy
+        world's exact verifiers."""
+        device = device or default_device()
+        pipe = load_pipeline(base, adapter, device, lora=lora, lora_scale=lora_scale)
+        judging = ProfileJudging(judges, device) if judges is not None else None
+        return cls(pipe, base, adapter, judging, lora)
 
     @property
     def default_size(self) -> tuple[int, int]:
@@ -93,5 +115,5 @@ class Studio:
                 )
             seconds = time.perf_counter() - started
         report(1.0, "judging")
-        verdicts = [[judge(image, layout) for image in batch] for batch in images]
+        verdicts = [[self.judging.judge(image, layout) for image in batch] for batch in images]
         return Result(layout, sampling, *images, *verdicts, seconds)

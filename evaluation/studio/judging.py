@@ -1,19 +1,23 @@
 """Each instance's verdict, as the benchmark reaches it: find the instance (the detector, IoU
 with its box), then ask the judge about the found region.
 
-The judges are the toy world's exact verifiers (``evaluation.toy_backends``): an instance
-described as the world describes its shapes ("a red striped circle") is judged; any other
-description has no judge here and says so, instead of a verdict nobody could trust.
+By default the judges are the toy world's exact verifiers (``evaluation.toy_backends``): an
+instance described as the world describes its shapes ("a red striped circle") is judged; any
+other description has no judge and says so, instead of a verdict nobody could trust. With real
+models, the detector and VLM judges of an ``evaluate:`` profile judge every instance.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 from PIL import Image
 
 from annotate.crops import crop_box
 from annotate.toy_world import parse_description
+from evaluation.config import load_config
 from evaluation.metrics import match
 from evaluation.toy_backends import ToyDetector, ToyJudge
 from ifadapter.layout import Layout
@@ -36,6 +40,7 @@ class InstanceVerdict:
     found: bool = False
     attributes: dict[str, bool] | None = None
     reason: str | None = None
+    threshold: float = IOU_THRESHOLD
 
     @property
     def right(self) -> bool:
@@ -46,34 +51,108 @@ class InstanceVerdict:
         if not self.judged:
             return "no judge for this description"
         if not self.found:
-            return f"not found (IoU {self.iou:.2f} < {IOU_THRESHOLD})"
+            return f"not found (IoU {self.iou:.2f} < {self.threshold})"
         return "right" if self.right else (self.reason or "wrong")
 
 
-def judge(image: Image.Image, layout: Layout) -> list[InstanceVerdict]:
-    """A verdict per instance of ``layout`` in ``image``, in the layout's order."""
-    colours: dict[int, str] = {}
-    for index, instance in enumerate(layout.instances):
-        try:
-            colours[index] = parse_description(instance.caption)[1]
-        except ValueError:
-            continue
-    detections = ToyDetector(ToyDetector.Settings(), "cpu").detect(
-        [image], [sorted(set(colours.values()))]
-    )[0]
-    verdicts = []
-    for index, instance in enumerate(layout.instances):
-        number, caption = index + 1, instance.caption
-        if index not in colours:
-            verdicts.append(InstanceVerdict(number, caption, judged=False))
-            continue
-        found, overlap = match(instance.box, colours[index], detections)
-        if found is None or overlap < IOU_THRESHOLD:
-            verdicts.append(InstanceVerdict(number, caption, True, overlap))
-            continue
-        crop = crop_box(image, found.box, CROP_PADDING)
-        answer = ToyJudge(ToyJudge.Settings(), "cpu").ask([(crop, caption)])[0]
-        verdicts.append(
-            InstanceVerdict(number, caption, True, overlap, True, answer.attributes, answer.reason)
-        )
-    return verdicts
+class Judging(Protocol):
+    """How the page judges a generated image: ``columns`` name the per-instance answers its
+    verdicts carry (``InstanceVerdict.attributes``), ``name`` says who judges."""
+
+    name: str
+    columns: tuple[str, ...]
+
+    def judge(self, image: Image.Image, layout: Layout) -> list[InstanceVerdict]: ...
+
+
+class ToyJudging:
+    """The toy world's exact verifiers: a description the world would write ("a red striped
+    circle") is found by its colour and judged attribute by attribute."""
+
+    name = "toy world's exact judges"
+    columns = ATTRIBUTES
+
+    def judge(self, image: Image.Image, layout: Layout) -> list[InstanceVerdict]:
+        """A verdict per instance of ``layout`` in ``image``, in the layout's order."""
+        colours: dict[int, str] = {}
+        for index, instance in enumerate(layout.instances):
+            try:
+                colours[index] = parse_description(instance.caption)[1]
+            except ValueError:
+                continue
+        detections = ToyDetector(ToyDetector.Settings(), "cpu").detect(
+            [image], [sorted(set(colours.values()))]
+        )[0]
+        verdicts = []
+        for index, instance in enumerate(layout.instances):
+            number, caption = index + 1, instance.caption
+            if index not in colours:
+                verdicts.append(InstanceVerdict(number, caption, judged=False))
+                continue
+            found, overlap = match(instance.box, colours[index], detections)
+            if found is None or overlap < IOU_THRESHOLD:
+                verdicts.append(InstanceVerdict(number, caption, True, overlap))
+                continue
+            crop = crop_box(image, found.box, CROP_PADDING)
+            answer = ToyJudge(ToyJudge.Settings(), "cpu").ask([(crop, caption)])[0]
+            verdicts.append(
+                InstanceVerdict(
+                    number, caption, True, overlap, True, answer.attributes, answer.reason
+                )
+            )
+        return verdicts
+
+
+class ProfileJudging:
+    """The detector and the VLM judges of an ``evaluate:`` profile, as the benchmark runs them:
+    each instance's description prompts the detector (the benchmark prompts with the detector's
+    class; a layout drawn here has only the description), the detection of it with the highest
+    IoU to the box is the match, and every judge is asked about the matched crop. A verdict's
+    columns are the judges' answers."""
+
+    def __init__(self, profile: str | Path, device: str):
+        config = load_config(profile)
+        if config.detector is None or not config.judges:
+            raise ValueError(f"{profile}: its evaluate: section names no detector or no judge")
+        self.name = f"{config.detector.backend} + " + ", ".join(j.name for j in config.judges)
+        self.detector = config.detector.backend_class()(config.detector.settings, device)
+        self.judges = {j.name: j.backend_class()(j.settings, device) for j in config.judges}
+        self.columns = tuple(self.judges)
+        self.iou_threshold = config.metrics.iou_threshold
+        self.crop_padding = config.metrics.crop_padding
+
+    def judge(self, image: Image.Image, layout: Layout) -> list[InstanceVerdict]:
+        captions = [instance.caption for instance in layout.instances]
+        detections = self.detector.detect([image], [sorted(set(captions))])[0]
+        verdicts = []
+        for number, instance in enumerate(layout.instances, 1):
+            found, overlap = match(instance.box, instance.caption, detections)
+            if found is None or overlap < self.iou_threshold:
+                verdicts.append(
+                    InstanceVerdict(
+                        number, instance.caption, True, overlap, threshold=self.iou_threshold
+                    )
+                )
+                continue
+            crop = crop_box(image, found.box, self.crop_padding)
+            answers = {
+                name: j.ask([(crop, instance.caption)])[0] for name, j in self.judges.items()
+            }
+            said = [
+                f"{name}: " + ("no" if a.answer is False else f"unparsable ({a.reason})")
+                for name, a in answers.items()
+                if a.answer is not True
+            ]
+            verdicts.append(
+                InstanceVerdict(
+                    number,
+                    instance.caption,
+                    True,
+                    overlap,
+                    True,
+                    {name: a.answer is True for name, a in answers.items()},
+                    "; ".join(said) or None,
+                    threshold=self.iou_threshold,
+                )
+            )
+        return verdicts
