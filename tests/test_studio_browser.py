@@ -187,7 +187,8 @@ def test_draw_generate_judge_and_save(page, tmp_path):
     assert json.loads(download(page, "saved", "layout.json")) == saved
 
 
-def test_a_loaded_layout_gives_the_image_generate_gives(page, tmp_path):
+def test_a_loaded_layout_gives_the_image_generate_gives(page, tmp_path, one_torch_thread):
+    # one torch thread, as the studio's server runs: another thread count sums in another order
     layouts = (REPO / "models" / "toy-adapter" / "layouts.jsonl").read_text().splitlines()
     (tmp_path / "two.jsonl").write_text("\n".join(layouts[:2]) + "\n")
     (tmp_path / "first.json").write_text(layouts[0])
