@@ -10,7 +10,6 @@ a local directory is an error at load, naming the reference.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, ClassVar, TypeVar
 
@@ -29,6 +28,7 @@ from pydantic import (
 )
 
 from annotate.backends import Backend, Kind, resolve_backend
+from ifadapter.base_model import hub_offline
 
 SECTION = "annotate"
 
@@ -40,10 +40,6 @@ class ConfigError(ValueError):
     """A profile that cannot be used; the message is one line naming the file and the fields."""
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
 def resolve_model(reference: str) -> str:
     """A local model directory as an absolute path (actors may run elsewhere), else a hub id.
 
@@ -52,7 +48,7 @@ def resolve_model(reference: str) -> str:
     path = Path(reference).expanduser()
     if path.is_dir():
         return str(path.resolve())
-    if _offline():
+    if hub_offline():
         raise ValueError(
             f"model {reference!r} is not a local directory and HF_HUB_OFFLINE=1 rules out the hub"
         )

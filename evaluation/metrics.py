@@ -132,6 +132,16 @@ class InstanceRecord:
         }
 
 
+def objections(verdicts: Mapping[str, tuple[bool | None, str | None]]) -> list[str]:
+    """What the judges that did not say yes said, judge by judge: "no", or the reason a reply
+    was unusable."""
+    return [
+        f"{judge}: " + ("no" if answer is False else f"unparsable ({reason})")
+        for judge, (answer, reason) in verdicts.items()
+        if answer is not True
+    ]
+
+
 def instance_records(
     layout: BenchmarkLayout,
     detections: Sequence[Detection],

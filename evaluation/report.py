@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from PIL import Image, ImageDraw
 
 from evaluation.config import ReportConfig
+from evaluation.metrics import objections
 from ifadapter.layout import Instance, Layout
 from ifadapter.visualize import draw_layout
 
@@ -206,12 +207,7 @@ def _failure_text(record: InstanceRecord) -> str:
         return "not detected"
     if not record.placed:
         return f"misplaced (IoU {record.iou:.2f})"
-    said = []
-    for judge, (answer, reason) in sorted(record.verdicts.items()):
-        if answer is True:
-            continue
-        said.append(f"{judge}: " + ("no" if answer is False else f"unparsable ({reason})"))
-    return "; ".join(said)
+    return "; ".join(objections(dict(sorted(record.verdicts.items()))))
 
 
 def _gallery(

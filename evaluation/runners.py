@@ -38,6 +38,7 @@ from evaluation.benchmark import Benchmark, BenchmarkLayout
 from evaluation.config import GenerationConfig
 from evaluation.protocols import Runner
 from ifadapter.base_model import check_base
+from ifadapter.sampling import default_dtype, generators
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+")
@@ -56,11 +57,6 @@ def layout_seed(seed: int, layout_id: str) -> int:
     return int(hashlib.sha256(f"{seed}:{layout_id}".encode()).hexdigest()[:8], 16)
 
 
-def _generators(device: str, seeds: Sequence[int]) -> list[torch.Generator]:
-    generator_device = "cpu" if device == "mps" else device
-    return [torch.Generator(generator_device).manual_seed(int(s)) for s in seeds]
-
-
 class DiffusionRunner(Runner):
     """Shared by the diffusers runners: dtype, device, progress bars off."""
 
@@ -68,8 +64,8 @@ class DiffusionRunner(Runner):
         self, settings: BaseModel, device: str, generation: GenerationConfig, benchmark: Benchmark
     ):
         super().__init__(settings, device, generation, benchmark)
-        default = "float32" if torch.device(device).type == "cpu" else "float16"
-        self.dtype = getattr(torch, generation.dtype or default)
+        named = generation.dtype
+        self.dtype = getattr(torch, named) if named else default_dtype(device)
 
     def _ready(self, pipe):
         pipe = pipe.to(self.device)
@@ -84,7 +80,7 @@ class DiffusionRunner(Runner):
             "num_inference_steps": s.steps,
             "guidance_scale": s.guidance,
             "negative_prompt": [s.negative_prompt] * len(layouts) if s.negative_prompt else None,
-            "generator": _generators(self.device, seeds),
+            "generator": generators(self.device, seeds),
             "height": self.generation.height,
             "width": self.generation.width,
         }

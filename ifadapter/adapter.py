@@ -57,6 +57,20 @@ def weights_name(variant: str | None = None) -> str:
     return WEIGHTS_NAME if variant is None else f"ifadapter.{variant}.safetensors"
 
 
+def one_dtype(dtype: torch.dtype | None, torch_dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype a loader was asked for under diffusers' current name (``dtype``) or its older
+    one (``torch_dtype``); both, and different, is a TypeError."""
+    if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
+        raise TypeError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass one")
+    return dtype or torch_dtype
+
+
+def cast(model: nn.Module, *args) -> None:
+    """``nn.Module.to``: diffusers 0.42's ``ModelMixin.to`` warns on every dtype cast of a model
+    that keeps no module in float32 (it reads the empty list as "some")."""
+    nn.Module.to(model, *args)
+
+
 def _module_key(layer: str) -> str:
     """ModuleDict keys cannot hold dots."""
     return layer.replace(".", "__")
@@ -402,9 +416,7 @@ class IFAdapter(ModelMixin, ConfigMixin):
                 f"IFAdapter.from_pretrained does not offload ({', '.join(given)}); "
                 "load it, then place it with .to()"
             )
-        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
-            raise TypeError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass one")
-        dtype = dtype or torch_dtype
+        dtype = one_dtype(dtype, torch_dtype)
         directory = os.path.join(pretrained_model_name_or_path, subfolder or "")
         name = weights_name(variant)
         weights = os.path.join(directory, name)
@@ -413,9 +425,7 @@ class IFAdapter(ModelMixin, ConfigMixin):
         adapter = cls.from_config(cls.load_config(directory))
         adapter.load_state_dict(load_file(weights), strict=True)
         if dtype is not None:
-            # nn.Module's cast: ModelMixin.to warns on every dtype cast of a model that keeps no
-            # module in float32 (diffusers 0.42 reads its empty list as "some").
-            nn.Module.to(adapter, dtype)
+            cast(adapter, dtype)
         if device is not None:
             adapter.to(device)
         return adapter.eval()

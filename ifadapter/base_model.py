@@ -14,6 +14,12 @@ from pathlib import Path
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def hub_offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` switches the model hub off (the values huggingface_hub reads
+    as true)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
 def check_base(base: str | os.PathLike, local_only: bool = False) -> str:
     """``base`` as given, after checking that it is a pipeline directory (``model_index.json``)
     or, unless ``local_only`` or ``HF_HUB_OFFLINE`` is set, something shaped like a hub id."""
@@ -28,7 +34,7 @@ def check_base(base: str | os.PathLike, local_only: bool = False) -> str:
         return text
     if path.exists():
         raise FileNotFoundError(f"base {text} is a file, not an SDXL pipeline directory")
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    offline = hub_offline()
     if local_only or offline or not _HUB_ID.match(text):
         where = "no such directory"
         if offline:

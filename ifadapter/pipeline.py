@@ -24,7 +24,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput
 from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
 
-from ifadapter.adapter import TOKEN_GROUPS, IFAdapter
+from ifadapter.adapter import TOKEN_GROUPS, IFAdapter, cast, one_dtype
 from ifadapter.attention_processor import InstanceConditioning
 from ifadapter.layout import Instance, Layout, LayoutTensors
 from ifadapter.text import encode_instances
@@ -90,10 +90,8 @@ class IFAdapterSDXLPipeline(StableDiffusionXLPipeline):
         fails at the first matmul. float32 is the CPU's precision (where loading puts the
         weights); a GPU user asks for float16 or bfloat16. An adapter passed as ``adapter=``
         follows the UNet's dtype and device."""
-        dtype, torch_dtype = kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None)
-        if dtype is not None and torch_dtype is not None and dtype != torch_dtype:
-            raise TypeError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass one")
-        kwargs["dtype"] = dtype or torch_dtype or torch.float32
+        dtype = one_dtype(kwargs.pop("dtype", None), kwargs.pop("torch_dtype", None))
+        kwargs["dtype"] = dtype or torch.float32
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def set_adapter(self, adapter: IFAdapter | None) -> None:
@@ -332,6 +330,6 @@ class IFAdapterSDXLPipeline(StableDiffusionXLPipeline):
 def _follow(adapter: IFAdapter, unet: torch.nn.Module) -> None:
     """The adapter on the UNet's device and in its dtype: one precision for the pipeline (a
     float32 adapter beside a float16 UNet would hold twice its memory and cast its keys and
-    values at every attention call). nn.Module's cast: ModelMixin.to warns at every cast."""
+    values at every attention call)."""
     if adapter.device != unet.device or adapter.dtype != unet.dtype:
-        torch.nn.Module.to(adapter, unet.device, unet.dtype)
+        cast(adapter, unet.device, unet.dtype)

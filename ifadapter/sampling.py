@@ -56,14 +56,18 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """One dtype for a whole pipeline on ``device``: float32 on the CPU (half-precision
+    matmuls are slow or missing there), float16 on an accelerator."""
+    import torch
+
+    return torch.float32 if torch.device(device).type == "cpu" else torch.float16
+
+
 def load_pipeline(
     base: str, adapter: Path, device: str, lora: str | None = None, lora_scale: float = 1.0
 ) -> IFAdapterSDXLPipeline:
-    """The base with the adapter, in one dtype: float32 on the CPU (half-precision matmuls are
-    slow or missing there), float16 elsewhere; a float16 checkpoint would otherwise load its text
-    encoders in float16 (transformers keeps the stored dtype) beside a float32 UNet."""
-    import torch
-
+    """The base with the adapter, in the device's one dtype (``default_dtype``)."""
     from ifadapter.adapter import IFAdapter
     from ifadapter.base_model import check_base
     from ifadapter.pipeline import IFAdapterSDXLPipeline
@@ -71,7 +75,7 @@ def load_pipeline(
     base = check_base(base)
     if not (Path(adapter) / "config.json").is_file():
         raise ValueError(f"{adapter} is not an IFAdapter checkpoint (no config.json)")
-    dtype = torch.float32 if torch.device(device).type == "cpu" else torch.float16
+    dtype = default_dtype(device)
     weights = IFAdapter.from_pretrained(adapter, dtype=dtype)
     pipe = IFAdapterSDXLPipeline.from_pretrained(base, adapter=weights, dtype=dtype)
     if lora is not None:  # a style LoRA on the base (diffusers' loader), beside the adapter
@@ -81,10 +85,11 @@ def load_pipeline(
     return pipe.to(device)
 
 
-def generators(device: torch.device, seeds: Sequence[int]) -> list[torch.Generator]:
+def generators(device: str | torch.device, seeds: Sequence[int]) -> list[torch.Generator]:
+    """One generator per image, seeded with its own seed."""
     import torch
 
-    where = "cpu" if device.type == "mps" else device  # MPS has no seedable generator
+    where = "cpu" if torch.device(device).type == "mps" else device  # MPS: no seedable one
     return [torch.Generator(where).manual_seed(int(seed)) for seed in seeds]
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 from annotate.crops import crop_box
 from annotate.toy_world import parse_description
 from evaluation.config import load_config
-from evaluation.metrics import match
+from evaluation.metrics import match, objections
 from evaluation.toy_backends import ToyDetector, ToyJudge
 from ifadapter.layout import Layout
 
@@ -72,6 +72,10 @@ class ToyJudging:
     name = "toy world's exact judges"
     columns = ATTRIBUTES
 
+    def __init__(self) -> None:
+        self.detector = ToyDetector(ToyDetector.Settings(), "cpu")
+        self.verifier = ToyJudge(ToyJudge.Settings(), "cpu")
+
     def judge(self, image: Image.Image, layout: Layout) -> list[InstanceVerdict]:
         """A verdict per instance of ``layout`` in ``image``, in the layout's order."""
         colours: dict[int, str] = {}
@@ -80,9 +84,7 @@ class ToyJudging:
                 colours[index] = parse_description(instance.caption)[1]
             except ValueError:
                 continue
-        detections = ToyDetector(ToyDetector.Settings(), "cpu").detect(
-            [image], [sorted(set(colours.values()))]
-        )[0]
+        detections = self.detector.detect([image], [sorted(set(colours.values()))])[0]
         verdicts = []
         for index, instance in enumerate(layout.instances):
             number, caption = index + 1, instance.caption
@@ -94,7 +96,7 @@ class ToyJudging:
                 verdicts.append(InstanceVerdict(number, caption, True, overlap))
                 continue
             crop = crop_box(image, found.box, CROP_PADDING)
-            answer = ToyJudge(ToyJudge.Settings(), "cpu").ask([(crop, caption)])[0]
+            answer = self.verifier.ask([(crop, caption)])[0]
             verdicts.append(
                 InstanceVerdict(
                     number, caption, True, overlap, True, answer.attributes, answer.reason
@@ -138,11 +140,7 @@ class ProfileJudging:
             answers = {
                 name: j.ask([(crop, instance.caption)])[0] for name, j in self.judges.items()
             }
-            said = [
-                f"{name}: " + ("no" if a.answer is False else f"unparsable ({a.reason})")
-                for name, a in answers.items()
-                if a.answer is not True
-            ]
+            said = objections({name: (a.answer, a.reason) for name, a in answers.items()})
             verdicts.append(
                 InstanceVerdict(
                     number,
