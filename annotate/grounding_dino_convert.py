@@ -6,7 +6,7 @@ The renames follow the conversion that transformers documents for Grounding-DINO
 ``backbone.0.norm{1,2,3}`` become the backbone's stage norms; the rest are renames. Tied copies
 (the decoder's box heads under both names) map onto both of transformers' names. With the
 converted weights the transformers backend (``grounding_dino``) gives the original's boxes
-(``tests/test_compat_groundingdino.py`` checks it on a tiny SwinT-OGC model).
+(``tests/annotate/test_compat_groundingdino.py`` checks it on a tiny SwinT-OGC model).
 
     python -m annotate.grounding_dino_convert groundingdino_swint_ogc.pth \\
         --model swint_ogc --tokenizer path/to/bert-base-uncased --out models/grounding-dino

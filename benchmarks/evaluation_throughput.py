@@ -30,7 +30,7 @@ from evaluation.config import parse_config
 from evaluation.run import evaluate
 from evaluation.tiny_models import write_tiny_eval_models
 from ifadapter import IFAdapter, tiny
-from tests.shard_factory import default_rows, write_dataset
+from tests.support.shards import default_rows, write_dataset
 
 METHODS = ("ifadapter", "sdxl", "gligen", "real")
 

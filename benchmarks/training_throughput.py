@@ -49,7 +49,7 @@ def main() -> None:
     from diffusers import StableDiffusionXLPipeline
 
     from ifadapter import tiny
-    from tests.shard_factory import default_rows, write_dataset
+    from tests.support.shards import default_rows, write_dataset
     from training.cache import build_cache
     from training.config import load_train_config
     from training.metrics import read_metrics

@@ -1,6 +1,5 @@
 import hashlib
 import os
-from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -10,7 +9,8 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from ifadapter import IFAdapter, IFAdapterSDXLPipeline, tiny
-from tests.shard_factory import default_rows, shapes_row, write_dataset
+from tests.support.paths import CONFIGS
+from tests.support.shards import default_rows, shapes_row, write_dataset
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +50,7 @@ def make_pipeline(base_dir):
 
 # ----------------------------------------------------------------- Ray and training
 
-TINY_PROFILE = Path(__file__).parent.parent / "configs" / "tiny.yaml"
+TINY_PROFILE = CONFIGS / "tiny.yaml"
 
 
 @pytest.fixture(scope="session")

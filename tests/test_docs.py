@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.annotate_inputs import write_bad_inputs, write_photos
-from tests.flows_support import flow_env
+from tests.support.annotate_inputs import write_bad_inputs, write_photos
+from tests.support.flows import flow_env
+from tests.support.paths import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 DOCS = sorted([REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "infra").rglob("*.md")])
 MARKER = re.compile(r"^\s*<!--\s*doc-test:\s*(run|skip:\s*(?P<reason>.+?))\s*-->\s*$")
 FENCE = re.compile(r"^(?P<indent>\s*)```(?P<lang>\w*)\s*$")

@@ -1,0 +1,214 @@
+"""Constrained decoding, strict reply parsing, crops, prompts and request planning (no model)."""
+
+import json
+import random
+
+import jsonschema
+import pytest
+from PIL import Image
+
+from annotate.caption_requests import CaptionPlan, CaptionSettings, parse_reply, reply_schema
+from annotate.config import load_config
+from annotate.crops import crop_box
+from annotate.json_grammar import Grammar, token_budget
+from annotate.prompts import PromptSet
+from annotate.records import Detection, Record
+from annotate.replies import REASONS, Unusable, check_caption, script_share
+from annotate.token_mask import TokenMask
+from annotate.vlm import ChatReply
+from tests.support.annotate_inputs import REPO
+
+SETTINGS = CaptionSettings(max_caption_chars=40, max_instance_chars=20)
+
+
+def test_grammar_accepts_exactly_the_schemas_language():
+    schema = reply_schema(True, 2, SETTINGS)
+    grammar = Grammar.from_schema(schema)
+    good = '{"caption":"a red ball on grass","instances":[{"caption":"a ball"},{"caption":"é"}]}'
+    assert grammar.accepts(grammar.feed(grammar.start, good.encode()))
+    for bad in [
+        '{"caption":"","instances":[{"caption":"a"},{"caption":"b"}]}',  # minLength 1
+        '{"caption":"x","instances":[{"caption":"a"}]}',  # one item short
+        '{"caption":"x" ,',  # whitespace is not generated
+        '{"caption":"a \\" quote"',  # no escapes
+        '{"caption":"' + "x" * 41,  # over maxLength
+        '{"caption":"\xff',  # not UTF-8
+    ]:
+        state = grammar.feed(grammar.start, bad.encode("latin-1"))
+        assert not (state and grammar.accepts(state)), bad
+    enum = Grammar.from_schema({"enum": ["yes", "no"]})
+    assert enum.accepts(enum.feed(enum.start, b'"no"')) and not enum.feed(enum.start, b'"n"x')
+    assert len(good.encode()) <= grammar.max_bytes < token_budget(schema)
+
+
+@pytest.mark.parametrize(
+    ("schema", "fault"),
+    [
+        ({"type": "string"}, "need maxLength"),
+        ({"type": "array", "items": {"enum": ["a"]}}, "need items and maxItems"),
+        ({"type": "integer"}, "not supported"),
+        ({"type": "string", "maxLength": 3, "pattern": "a+"}, r"\['pattern'\]"),
+        (
+            {"type": "object", "properties": {"a": {"enum": ["x"]}}, "required": []},
+            "every property must be required",
+        ),
+    ],
+)
+def test_unsupported_schemas_are_named(schema, fault):
+    with pytest.raises(ValueError, match=fault):
+        Grammar.from_schema(schema)
+
+
+def test_token_mask_walks_only_into_valid_json():
+    """The mask allows exactly the tokens the grammar accepts, and random choices among them
+    always end in JSON that follows the schema, multi-byte characters split across tokens."""
+    schema = reply_schema(True, 2, SETTINGS)
+    grammar = Grammar.from_schema(schema)
+    vocabulary = [bytes([b]) for b in range(256)] + [
+        b'{"caption":"',
+        b'"}',
+        b'"},{"',
+        b"red ball",
+        "é".encode(),
+        "中文".encode()[:4],
+        b'a"',
+        b'"},{"caption":"x',
+        'é"'.encode(),
+        b"a\\n",
+        None,
+    ]
+    eos = len(vocabulary) - 1
+    mask = TokenMask(vocabulary, [eos])
+    rng = random.Random(0)
+    for _ in range(30):
+        state, out = grammar.start, b""
+        while True:
+            allowed = mask.allowed(grammar, state)
+            accepted = [bool(data and grammar.feed(state, data)) for data in vocabulary]
+            accepted[eos] = grammar.accepts(state)
+            assert allowed.tolist() == accepted
+            token = rng.choice(allowed.nonzero().flatten().tolist())
+            if token == eos:
+                break
+            out += vocabulary[token]
+            state = grammar.feed(state, vocabulary[token])
+        jsonschema.validate(json.loads(out.decode("utf-8")), schema)
+
+
+def reply(value) -> ChatReply:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return ChatReply(text=text, finish_reason="stop")
+
+
+def test_replies_are_read_strictly_with_a_reason_each():
+    two = {"instances": [{"caption": "a red ball"}, {"caption": "a blue box"}]}
+    assert parse_reply(reply(two), False, 2, SETTINGS) == ["a red ball", "a blue box"]
+    cases = {
+        "unparsable": [
+            reply('Here it is: {"instances": []}'),
+            reply({"instances": [{"caption": "a"}]}),
+            reply({"instances": [{"caption": "a"}, {"caption": "b"}], "extra": 1}),
+            reply({"instances": "a, b"}),
+        ],
+        "refusal": [reply("I'm sorry, but I cannot help with that.")],
+        "length": [ChatReply(text='{"instances": [{"capt', finish_reason="length")],
+        "timeout": [ChatReply.failed("timeout: no reply within 5s (attempts: 2)")],
+    }
+    for code, replies in cases.items():
+        for case in replies:
+            results = parse_reply(case, False, 2, SETTINGS)
+            assert [r.code for r in results] == [code, code], case
+    mixed = {
+        "caption": "a red ball and a box",
+        "instances": [{"caption": "x" * 21}, {"caption": "  "}, {"caption": "一个红色的球"}],
+    }
+    caption, *instances = parse_reply(reply(mixed), True, 3, SETTINGS)
+    assert caption == "a red ball and a box"
+    assert [r.code for r in instances] == ["too_long", "empty", "wrong_language"]
+    assert {r.code for r in instances} <= set(REASONS)
+
+
+def test_caption_checks():
+    assert check_caption("  a  red\nball ", 20, "en") == "a red ball"
+    assert check_caption("Grüne Äpfel", 20, "de") == "Grüne Äpfel"
+    assert check_caption("一个红色的球", 20, "zh") == "一个红色的球"
+    assert check_caption("a red ball", 20, None) == "a red ball"
+    assert script_share("ball 球", "en") == pytest.approx(0.8)
+    with pytest.raises(Unusable, match="refusal"):
+        check_caption("As an AI I cannot see images", 80, "en")
+    with pytest.raises(Unusable, match="unparsable: a caption must be a string"):
+        check_caption(["a"], 20, "en")
+    with pytest.raises(ValueError, match="unknown reason code"):
+        Unusable("oops", "not a code")
+
+
+def test_crop_keeps_context_and_stays_inside():
+    image = Image.new("RGB", (200, 100))
+    assert crop_box(image, (0.25, 0.25, 0.75, 0.75), 0.0).size == (100, 50)
+    assert crop_box(image, (0.25, 0.25, 0.75, 0.75), 0.2).size == (140, 70)
+    assert crop_box(image, (0.0, 0.9, 0.1, 1.0), 0.5).size == (30, 15)  # clipped at the edges
+    assert crop_box(image, (0.5, 0.5, 0.5001, 0.5001), 0.0).size == (1, 1)
+
+
+def test_prompt_sets_are_validated_and_filled():
+    prompts = PromptSet()
+    text = prompts.joint_text(["cup", "table"], 300, 100)
+    assert text.startswith("Image 1 is the whole picture.")
+    assert (
+        "Image 2: a crop centred on a cup." in text
+        and "Image 3: a crop centred on a table." in text
+    )
+    assert "at most 300 characters" in text and "at most 100 characters" in text
+    assert "German" in prompts.system_text("de")
+    with pytest.raises(ValueError, match="prompt 'crop' has a placeholder it cannot fill"):
+        PromptSet(crop="Image {index}: {label}")
+
+
+def scene_record(index: int, colour: tuple[int, int, int], boxes: list) -> Record:
+    image = Image.new("RGB", (64, 48), (230, 230, 230))
+    image.paste(colour, (8, 8, 40, 40))
+    record = Record(uri=f"scene-{index}", source="test", partition=0, position=index)
+    record.pixels, record.pixels_size = image.tobytes(), image.size
+    record.instances = [Detection(box, label, 0.9) for box, label in boxes]
+    return record
+
+
+def test_plan_deduplicates_groups_and_assembles():
+    box, other = (0.1, 0.1, 0.6, 0.8), (0.5, 0.2, 0.9, 0.9)
+    records = [
+        scene_record(0, (200, 0, 0), [(box, "ball"), (box, "ball"), (other, "box"), (box, "cup")]),
+        scene_record(1, (200, 0, 0), [(box, "ball")]),  # the same image again
+        scene_record(2, (0, 0, 200), []),
+    ]
+    settings = CaptionSettings(instances_per_request=2, max_caption_chars=40)
+    plan = CaptionPlan(records, settings)
+    # two images, three distinct crops of record 0 (the repeated ball once) in two requests
+    assert [len(p.places) for p in plan.planned] == [1, 1, 2, 1]
+    assert plan.planned[0].places == [[(0, None), (1, None)]]
+    assert plan.planned[2].places == [[(0, 0), (0, 1), (1, 0)], [(0, 2)]]
+    assert [len(r.images) for r in plan.requests] == [1, 1, 2, 1]
+    replies = [
+        reply({"caption": "a red square"}),
+        ChatReply.failed("http: 503 busy (attempts: 4)"),
+        reply({"instances": [{"caption": "a red ball"}, {"caption": "a box"}]}),
+        reply({"instances": [{"caption": "a cup" * 50}]}),
+    ]
+    first, second, third = plan.captions(replies)
+    assert (first.caption, first.instances) == ("a red square", ["a red ball"] * 2 + ["a box", ""])
+    assert [(f.instance, f.reason.split(":")[0]) for f in first.faults] == [(3, "too_long")]
+    assert (second.caption, second.instances, second.faults) == ("a red square", ["a red ball"], [])
+    assert third.caption == "" and third.instances == []
+    assert [(f.stage, f.instance, f.reason) for f in third.faults] == [
+        ("caption", None, "http: 503 busy (attempts: 4)")
+    ]
+
+
+def test_real_scale_profile_validates(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # hub ids are fine to name; nothing is downloaded
+    config = load_config(REPO / "configs" / "sdxl.yaml")
+    captioner = config.provenance()["caption"]
+    assert captioner["backend"] == "openai_http" and captioner["model"].startswith(
+        "Qwen/Qwen2.5-VL"
+    )
+    assert captioner["api_key_env"] == "VLLM_API_KEY" and captioner["prompts"]["version"]
+    assert config.detector.settings.model == "IDEA-Research/grounding-dino-base"

@@ -1,0 +1,1 @@
+"""Factories, reference implementations and servers the tests share."""
