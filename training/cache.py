@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +27,13 @@ import torch
 from tqdm import tqdm
 
 from annotate.schema import QUARANTINE_DIR, QUARANTINE_SCHEMA
+from ifadapter.utils.files import (
+    atomic_directory,
+    atomic_path,
+    file_sha256,
+    json_sha256,
+    write_json_atomic,
+)
 from training.augment import aspect_buckets, make_view, view_rng
 from training.config import AugmentConfig, TrainConfig
 from training.encoders import FrozenEncoders
@@ -151,14 +155,10 @@ def _file_sha256(path: Path, memo: dict) -> str:
     entry = memo.get(str(path))
     if entry and entry["size"] == stat.st_size and entry["mtime_ns"] == stat.st_mtime_ns:
         return entry["sha256"]
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
     memo[str(path)] = {
         "size": stat.st_size,
         "mtime_ns": stat.st_mtime_ns,
-        "sha256": digest.hexdigest(),
+        "sha256": file_sha256(path, chunk=1 << 22),
     }
     return memo[str(path)]["sha256"]
 
@@ -181,10 +181,7 @@ def encoder_fingerprint(base: str | Path, memo_path: Path) -> dict[str, str]:
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             digest.update(f"{path.relative_to(folder)}\0{_file_sha256(path, memo)}\n".encode())
         fingerprint[component] = digest.hexdigest()
-    memo_path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = memo_path.with_suffix(f".{uuid.uuid4().hex[:8]}.tmp")
-    temporary.write_text(json.dumps(memo, indent=1, sort_keys=True))
-    os.replace(temporary, memo_path)
+    write_json_atomic(memo_path, memo, indent=1, sort_keys=True)
     return fingerprint
 
 
@@ -200,7 +197,7 @@ def cache_key(config: TrainConfig, dataset: ShardDataset) -> tuple[str, dict]:
             {"path": e.path, "rows": e.rows, "sha256": e.sha256} for e in dataset.manifest.shards
         ],
     }
-    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest(), material
+    return json_sha256(material), material
 
 
 def prepare_views(batch: pa.Table, augment: dict, buckets: list[tuple[int, int]]) -> pa.Table:
@@ -279,10 +276,12 @@ class EncodeViews:
         names = "\n".join(f"{row['image_id']}/{row['view']}" for row in rows)
         name = f"part-{hashlib.sha256(names.encode()).hexdigest()[:20]}.arrow"
         table = pa.Table.from_pylist(records, schema=CACHE_SCHEMA)
-        temporary = self.directory / f".{name}.{uuid.uuid4().hex[:8]}"
-        with pa.OSFile(str(temporary), "wb") as sink, pa.ipc.new_file(sink, CACHE_SCHEMA) as writer:
+        with (
+            atomic_path(self.directory / name) as temporary,
+            pa.OSFile(str(temporary), "wb") as sink,
+            pa.ipc.new_file(sink, CACHE_SCHEMA) as writer,
+        ):
             writer.write_table(table)
-        os.replace(temporary, self.directory / name)
         return name
 
     def encode(self, rows: list[dict]) -> list[dict]:
@@ -390,9 +389,9 @@ def build_cache(config: TrainConfig, progress: bool = False) -> CacheInfo:
             f"augment.bucket_step {augment.bucket_step} must be a multiple of {granule} for this "
             "base (VAE factor times the UNet's downsampling)"
         )
-    temporary = config.cache_root / f".partial-{key[:16]}-{uuid.uuid4().hex[:8]}"
-    temporary.mkdir(parents=True)
-    try:
+    # Another run computing the same key may place its directory first: theirs is kept.
+    with atomic_directory(target, overwrite=False) as temporary:
+        temporary.mkdir()
         if not ray.is_initialized():
             ray.init()
         cpus = ray.cluster_resources().get("CPU", 0)
@@ -468,13 +467,6 @@ def build_cache(config: TrainConfig, progress: bool = False) -> CacheInfo:
             **shapes,
         )
         info.write(temporary)
-        try:
-            os.replace(temporary, target)
-        except OSError:  # another run finished the same cache first
-            if not (target / CACHE_MANIFEST).is_file():
-                raise
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
     info = CacheInfo.read(target)
     info.computed = True
     return info

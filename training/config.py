@@ -7,16 +7,16 @@ resolve against the working directory, like every path given on the command line
 
 from __future__ import annotations
 
-import hashlib
 import inspect
-import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ifadapter import IFAdapter
+from ifadapter.utils.files import json_sha256
+from ifadapter.utils.profiles import ConfigError as ConfigError  # re-exported for callers
+from ifadapter.utils.profiles import load_section
 
 SECTION = "train"
 
@@ -27,10 +27,6 @@ _ADAPTER_KEYS = {
     for name in inspect.signature(IFAdapter.__init__).parameters
     if name not in {"self", "layers", "layer_channels", "cross_attention_dim"}
 } | {"layer_patterns"}
-
-
-class ConfigError(ValueError):
-    """A profile that cannot be used: the message names the file and the fault."""
 
 
 class _Strict(BaseModel):
@@ -189,26 +185,10 @@ class TrainConfig(_Strict):
         return {**fields, "global_batch_size": self.global_batch_size}
 
     def trajectory_digest(self) -> str:
-        text = json.dumps(self.trajectory(), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()
+        return json_sha256(self.trajectory())
 
 
 def load_train_config(path: str | Path, **overrides: Any) -> TrainConfig:
-    """Reads the ``train:`` section of a profile; ``overrides`` (not None) replace its keys."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        document = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from None
-    if not isinstance(document, dict) or not isinstance(document.get(SECTION), dict):
-        raise ConfigError(f"{path} has no '{SECTION}:' section")
-    values = {**document[SECTION], **{k: v for k, v in overrides.items() if v is not None}}
-    try:
-        return TrainConfig.model_validate(values)
-    except ValidationError as error:
-        faults = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or SECTION}: {e['msg']}" for e in error.errors()
-        )
-        raise ConfigError(f"{path}: {SECTION}: {faults}") from None
+    """Reads the ``train:`` section of a profile; ``overrides`` (not None) replace its keys.
+    ``ConfigError`` (one line) on any fault."""
+    return load_section(TrainConfig, SECTION, path, **overrides)

@@ -24,10 +24,8 @@ import contextlib
 import json
 import logging
 import math
-import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,6 +39,7 @@ from torch import nn
 from ifadapter import DEFAULT_LAYER_PATTERNS, IFAdapter, diffusion_loss
 from ifadapter.adapter import WEIGHTS_NAME, checkpoint_with_conditioning
 from ifadapter.loss import freeze_base
+from ifadapter.utils.files import atomic_directory
 from training.cache import CacheInfo
 from training.config import TrainConfig
 from training.metrics import MetricsLog, StepMetrics
@@ -250,18 +249,16 @@ class AdapterTrainer:
     def export(self, directory: Path) -> None:
         """The final adapter (EMA weights when EMA is on) in the checkpoint format (docs/design.md),
         written beside and then renamed over ``directory``."""
-        temporary = directory.with_name(f".{directory.name}.{uuid.uuid4().hex[:8]}")
         parameters = list(self.adapter.parameters())
         if self.ema is not None:
             self.ema.store(parameters)
             self.ema.copy_to(parameters)
         try:
-            self.adapter.save_pretrained(temporary)
+            with atomic_directory(directory) as temporary:
+                self.adapter.save_pretrained(temporary)
         finally:
             if self.ema is not None:
                 self.ema.restore(parameters)
-        shutil.rmtree(directory, ignore_errors=True)
-        temporary.rename(directory)
 
 
 def train_worker(loop_config: dict) -> None:

@@ -9,10 +9,11 @@ and ``events.jsonl`` records where the run was resumed.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from ifadapter.utils.files import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 EVENTS_FILE = "events.jsonl"
@@ -51,9 +52,7 @@ class MetricsLog:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / METRICS_FILE
         kept = [m for m in read_metrics(run_dir) if m["step"] <= start_step]
-        temporary = self.path.with_suffix(".jsonl.tmp")
-        temporary.write_text("".join(json.dumps(m) + "\n" for m in kept))
-        os.replace(temporary, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(m) + "\n" for m in kept))
         if start_step:
             event = {"event": "resumed", "step": start_step, "world_size": world_size}
             with open(run_dir / EVENTS_FILE, "a") as events:
