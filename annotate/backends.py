@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from annotate.records import Captions, Detection, Record
+from annotate.engine.records import Captions, Detection, Record
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -32,23 +32,23 @@ Kind = Literal["tagger", "detector", "captioner"]
 
 BUILTIN: dict[str, dict[str, str]] = {
     "tagger": {
-        "clip": "annotate.clip_tagger:ClipTagger",
-        "ram_plus": "annotate.ram_tagger:RamTagger",  # RAM++ or RAM, from the checkpoint
-        "ram": "annotate.ram_tagger:RamTagger",
-        "oracle": "annotate.oracle:OracleTagger",  # the toy world's ground truth
+        "clip": "annotate.taggers.clip:ClipTagger",
+        "ram_plus": "annotate.taggers.ram:RamTagger",  # RAM++ or RAM, from the checkpoint
+        "ram": "annotate.taggers.ram:RamTagger",
+        "oracle": "annotate.toy.oracle:OracleTagger",  # the toy world's ground truth
     },
     "detector": {
-        "grounding_dino": "annotate.grounding_dino:GroundingDinoDetector",
+        "grounding_dino": "annotate.detectors.grounding_dino:GroundingDinoDetector",
         # the original code for original .pth weights; runs in .venv-gdino (transformers < 5)
-        "groundingdino_py": "annotate.groundingdino_py:GroundingDinoPyDetector",
-        "oracle": "annotate.oracle:OracleDetector",
+        "groundingdino_py": "annotate.detectors.groundingdino_py:GroundingDinoPyDetector",
+        "oracle": "annotate.toy.oracle:OracleDetector",
     },
     "captioner": {
-        "template": "annotate.captioners:TemplateCaptioner",
-        "transformers_vlm": "annotate.vlm_captioners:TransformersVLMCaptioner",
-        "openai_http": "annotate.vlm_captioners:HTTPVLMCaptioner",
-        "ray_vllm": "annotate.ray_vllm:RayVLLMCaptioner",
-        "oracle": "annotate.oracle:OracleCaptioner",
+        "template": "annotate.captioners.template:TemplateCaptioner",
+        "transformers_vlm": "annotate.captioners.vlm:TransformersVLMCaptioner",
+        "openai_http": "annotate.captioners.vlm:HTTPVLMCaptioner",
+        "ray_vllm": "annotate.captioners.ray_vllm:RayVLLMCaptioner",
+        "oracle": "annotate.toy.oracle:OracleCaptioner",
     },
 }
 

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> None:
 
     from annotate.coco_export import export_coco
     from annotate.config import load_config
-    from annotate.engine import annotate
+    from annotate.engine.job import annotate
     from annotate.sources import open_source
     from flows.ray_session import connect
 

@@ -35,13 +35,13 @@ import torch
 from PIL import Image, ImageDraw
 
 from annotate.config import AnnotateConfig, parse_config
-from annotate.decode import decode_record
-from annotate.engine import annotate
-from annotate.records import Record
+from annotate.engine.decode import decode_record
+from annotate.engine.job import annotate
+from annotate.engine.operators import annotate_records
+from annotate.engine.records import Record
+from annotate.engine.writer import ShardWriter
 from annotate.sources import FolderSource
-from annotate.stages import annotate_records
-from annotate.tiny_models import CLIP_DIR, GROUNDING_DINO_DIR, write_tiny_models
-from annotate.writer import ShardWriter
+from annotate.tiny.models import CLIP_DIR, GROUNDING_DINO_DIR, write_tiny_models
 
 CPUS = 2
 BATCH = 8

@@ -1,13 +1,13 @@
 """One request per instance against several instances per request, side by side in one run.
 
 The instance captions of the same images go through the real HTTP path (``HTTPChatClient`` ->
-``annotate.vlm_server`` on 127.0.0.1 -> the tiny random-weight Qwen2-VL in process, batching
+``annotate.vlm.server`` on 127.0.0.1 -> the tiny random-weight Qwen2-VL in process, batching
 the requests that wait), once per instance and once with ``--group`` crops per request,
 interleaved over ``--rounds`` so that machine noise hits both alike. Reported per mode (median
 of the rounds): requests, wall seconds, requests/s, instance captions/s, completion tokens per
 caption, and the share of captions that passed the strict checks (the tiny model's text is noise
 shaped by the JSON grammar, so this share measures the mechanics, not caption quality; compare
-quality on a real model with the judges of ``annotate.judge``).
+quality on a real model with the judges of ``annotate.vlm.judge``).
 
     python -m benchmarks.caption_requests [--images 16] [--instances 4] [--group 4] [--rounds 3]
 """
@@ -27,12 +27,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from PIL import Image, ImageDraw
 
-from annotate.caption_requests import CaptionPlan, CaptionSettings
-from annotate.records import Detection, Record
-from annotate.tiny_vlm import write_tiny_vlm
-from annotate.vlm_http import HTTPChatClient
-from annotate.vlm_server import ChatCompletionsServer, running
-from annotate.vlm_transformers import TransformersChatClient
+from annotate.captioners.requests import CaptionPlan, CaptionSettings
+from annotate.engine.records import Detection, Record
+from annotate.tiny.vlm import write_tiny_vlm
+from annotate.vlm.http import HTTPChatClient
+from annotate.vlm.in_process import TransformersChatClient
+from annotate.vlm.server import ChatCompletionsServer, running
 
 LABELS = ["red ball", "blue box", "green cup", "yellow chair", "purple lamp", "grey stone"]
 

@@ -24,11 +24,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from annotate.tiny_models import write_tiny_models
-from annotate.tiny_vlm import write_tiny_vlm
+from annotate.tiny.benchmark import write_tiny_eval_models
+from annotate.tiny.models import write_tiny_models
+from annotate.tiny.vlm import write_tiny_vlm
 from evaluation.config import parse_config
 from evaluation.run import evaluate
-from evaluation.tiny_models import write_tiny_eval_models
 from ifadapter import IFAdapter, tiny
 from tests.support.shards import default_rows, write_dataset
 

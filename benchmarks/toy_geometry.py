@@ -20,7 +20,7 @@ import statistics
 
 import torch
 
-from annotate.toy_world import scenes
+from annotate.toy.world import scenes
 from ifadapter.attention_processor import box_masks
 
 

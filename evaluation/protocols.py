@@ -4,7 +4,7 @@ Each is a class with a pydantic ``Settings`` model (its entry of the ``evaluate:
 validated when the profile loads) and a constructor that loads its models. A config names a
 backend by a short name of ``BUILTIN`` or by ``"module:Class"``, as the data engine's backends
 are named (``annotate.backends``): the toy world's exact verifiers plug in as
-``evaluation.toy_backends:ToyDetector`` / ``ToyJudge`` without any change here.
+``evaluation.backends.toy:ToyDetector`` / ``ToyJudge`` without any change here.
 
 Boxes are normalised xyxy everywhere, as in the shard contract.
 """
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
-from annotate.judge import Verdict
+from annotate.vlm.judge import Verdict
 
 if TYPE_CHECKING:
     from evaluation.benchmark import Benchmark, BenchmarkLayout
@@ -31,10 +31,12 @@ if TYPE_CHECKING:
 Kind = Literal["detector", "judge", "runner"]
 
 BUILTIN: dict[str, dict[str, str]] = {
-    "detector": {"grounding_dino": "evaluation.detect:GroundingDinoInstanceDetector"},
+    "detector": {
+        "grounding_dino": "evaluation.backends.grounding_dino:GroundingDinoInstanceDetector"
+    },
     "judge": {
-        "vlm_transformers": "evaluation.judges:TransformersVLMJudge",
-        "vlm_http": "evaluation.judges:HTTPVLMJudge",
+        "vlm_transformers": "evaluation.backends.vlm_judges:TransformersVLMJudge",
+        "vlm_http": "evaluation.backends.vlm_judges:HTTPVLMJudge",
     },
     "runner": {
         "ifadapter": "evaluation.runners:IFAdapterRunner",

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from annotate.crops import crop_box
+from annotate.vlm.crops import crop_box
 from evaluation.benchmark import Benchmark, BenchmarkLayout, load_or_build
 from evaluation.config import EvaluateConfig, MethodConfig, load_config
 from evaluation.metrics import (

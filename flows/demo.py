@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from annotate.toy_world import scenes
+from annotate.toy.world import scenes
 
 PROJECT = Path(__file__).resolve().parent.parent
 DEMO_PROFILE = PROJECT / "configs" / "demo.yaml"

@@ -3,7 +3,7 @@
 Each function works out the digest of what its stage's result depends on, returns the recorded
 summary when the stage's record says the outputs are complete and unchanged
 (``flows.records``), and otherwise connects to Ray, calls the stage's own entry point
-(``annotate.engine.annotate``, ``training.cache.build_cache``, ``training.run.train``,
+(``annotate.engine.job.annotate``, ``training.cache.build_cache``, ``training.run.train``,
 ``evaluation.run.evaluate``), which resumes from whatever a killed run left, and records the
 result. The heavy work, and every resume rule inside a stage, belongs to the stage's package;
 what lives here is the wiring between them: which directory feeds which stage, and when a stage
@@ -83,8 +83,8 @@ def annotate_stage(
     the same inputs and annotator (manifest checksums intact) is kept as it is. ``stage``
     names the record (the benchmark's layouts are annotated as ``annotate-benchmark``)."""
     from annotate.config import load_config
-    from annotate.engine import annotate
-    from annotate.plan import Plan, partition
+    from annotate.engine.job import annotate
+    from annotate.engine.plan import Plan, partition
     from annotate.schema import MANIFEST_NAME, Manifest
     from annotate.sources import open_source
 

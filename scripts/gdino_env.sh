@@ -3,7 +3,7 @@
 # cannot join the main environment. Builds .venv-gdino (once; again when this script changes)
 # with torch pinned as in constraints.txt, then runs the detector's test there:
 #
-#   scripts/gdino_env.sh            # build if needed, run tests/annotate/test_groundingdino_py.py
+#   scripts/gdino_env.sh   # build if needed, run tests/annotate/detectors/test_groundingdino_py.py
 #   GDINO_VENV=path scripts/gdino_env.sh
 #
 # A Ray actor of the `groundingdino_py` backend runs in this interpreter (see README).
@@ -25,4 +25,4 @@ if [ ! -f "$STAMP" ] || [ "$STAMP" -ot "$0" ] || [ "$STAMP" -ot constraints.txt 
     touch "$STAMP"
     echo "built $VENV in $(($(date +%s) - started)) s"
 fi
-HF_HUB_OFFLINE=1 "$VENV/bin/python" -m pytest -q --noconftest tests/annotate/test_groundingdino_py.py
+HF_HUB_OFFLINE=1 "$VENV/bin/python" -m pytest -q --noconftest tests/annotate/detectors/test_groundingdino_py.py

@@ -70,7 +70,7 @@ def ray_cluster():
 def tiny_models_root(tmp_path_factory):
     """A directory holding out/tiny-models/, where configs/tiny.yaml expects the tiny models
     (its model paths are relative to the directory the engine runs from)."""
-    from annotate.tiny_models import write_tiny_models
+    from annotate.tiny.models import write_tiny_models
 
     root = tmp_path_factory.mktemp("tiny-root")
     write_tiny_models(root / "out" / "tiny-models")
@@ -139,7 +139,7 @@ def tiny_cache(ray_cluster, base_dir, shard_dataset, shared_cache_dir, tmp_path_
 def tiny_vlm(tmp_path_factory):
     """``tiny_vlm(architecture)``: the directory of a tiny random-weight VLM checkpoint
     (qwen2_vl, qwen2_5_vl, internvl), built on first use and kept for the session."""
-    from annotate.tiny_vlm import write_tiny_vlm
+    from annotate.tiny.vlm import write_tiny_vlm
 
     root = tmp_path_factory.mktemp("tiny-vlm")
     built = {}
@@ -155,7 +155,7 @@ def tiny_vlm(tmp_path_factory):
 @pytest.fixture(scope="session")
 def qwen2_vl_client(tiny_vlm):
     """The in-process client on the tiny Qwen2-VL, shared by the captioning tests."""
-    from annotate.vlm_transformers import TransformersChatClient
+    from annotate.vlm.in_process import TransformersChatClient
 
     return TransformersChatClient(str(tiny_vlm("qwen2_vl")), "cpu", max_batch=8)
 

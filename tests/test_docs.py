@@ -169,7 +169,7 @@ MARKDOWN_NAME = re.compile(r"(?<![\w/.-])((?:[\w.-]+/)*[\w.-]+\.md)\b")
 
 def _cited_paths(text: str) -> set[str]:
     """Backticked tokens that name a file or folder of the repository: their first component is
-    a top-level entry (``annotate/plan.py``, ``configs/tiny.yaml``, ``Makefile``)."""
+    a top-level entry (``annotate/engine/plan.py``, ``configs/tiny.yaml``, ``Makefile``)."""
     cited = set()
     for token in PATH_TOKEN.findall(text):
         token = token.rstrip("/.,:")

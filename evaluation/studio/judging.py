@@ -1,7 +1,7 @@
 """Each instance's verdict, as the benchmark reaches it: find the instance (the detector, IoU
 with its box), then ask the judge about the found region.
 
-By default the judges are the toy world's exact verifiers (``evaluation.toy_backends``): an
+By default the judges are the toy world's exact verifiers (``evaluation.backends.toy``): an
 instance described as the world describes its shapes ("a red striped circle") is judged; any
 other description has no judge and says so, instead of a verdict nobody could trust. With real
 models, the detector and VLM judges of an ``evaluate:`` profile judge every instance.
@@ -15,11 +15,11 @@ from typing import Protocol
 
 from PIL import Image
 
-from annotate.crops import crop_box
-from annotate.toy_world import parse_description
+from annotate.toy.world import parse_description
+from annotate.vlm.crops import crop_box
+from evaluation.backends.toy import ToyDetector, ToyJudge
 from evaluation.config import load_config
 from evaluation.metrics import match, objections
-from evaluation.toy_backends import ToyDetector, ToyJudge
 from ifadapter.layout import Layout
 
 IOU_THRESHOLD = 0.5  # the benchmark's default (evaluation.config MetricsConfig)

@@ -7,15 +7,15 @@ import jsonschema
 import pytest
 from PIL import Image
 
-from annotate.caption_requests import CaptionPlan, CaptionSettings, parse_reply, reply_schema
+from annotate.captioners.prompts import PromptSet
+from annotate.captioners.requests import CaptionPlan, CaptionSettings, parse_reply, reply_schema
 from annotate.config import load_config
-from annotate.crops import crop_box
-from annotate.json_grammar import Grammar, token_budget
-from annotate.prompts import PromptSet
-from annotate.records import Detection, Record
-from annotate.replies import REASONS, Unusable, check_caption, script_share
-from annotate.token_mask import TokenMask
-from annotate.vlm import ChatReply
+from annotate.engine.records import Detection, Record
+from annotate.vlm.client import ChatReply
+from annotate.vlm.crops import crop_box
+from annotate.vlm.json_grammar import Grammar, token_budget
+from annotate.vlm.replies import REASONS, Unusable, check_caption, script_share
+from annotate.vlm.token_mask import TokenMask
 from tests.support.annotate_inputs import REPO
 
 SETTINGS = CaptionSettings(max_caption_chars=40, max_instance_chars=20)

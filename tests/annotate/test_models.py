@@ -8,12 +8,9 @@ import torch
 from pycocotools.coco import COCO
 
 from annotate.backends import Tagger
-from annotate.boxes import select_detections
-from annotate.clip_tagger import ClipTagger, ClipTaggerSettings, select_tags
 from annotate.coco_export import export_coco
 from annotate.config import ConfigError, DecodeConfig, load_config, parse_config
-from annotate.decode import decode_record
-from annotate.grounding_dino import (
+from annotate.detectors.grounding_dino import (
     GroundingDinoDetector,
     GroundingDinoSettings,
     build_prompt,
@@ -21,12 +18,15 @@ from annotate.grounding_dino import (
     decode_queries,
     token_map,
 )
-from annotate.records import Detection, Record
+from annotate.detectors.selection import select_detections
+from annotate.engine.decode import decode_record
+from annotate.engine.operators import annotate_records
+from annotate.engine.records import Detection, Record
+from annotate.engine.writer import ShardWriter
 from annotate.schema import QUARANTINE_DIR, QUARANTINE_SCHEMA, SHARD_SCHEMA, Manifest, check_schema
 from annotate.sources import FolderSource
-from annotate.stages import annotate_records
-from annotate.vocabulary import load_vocabulary
-from annotate.writer import ShardWriter
+from annotate.taggers.clip import ClipTagger, ClipTaggerSettings, select_tags
+from annotate.taggers.vocabulary import load_vocabulary
 from tests.support.annotate_inputs import TINY_PROFILE, write_scenes
 
 LIMITS = DecodeConfig(min_side=16, working_side=64)
@@ -268,7 +268,7 @@ def test_writer_is_atomic_resumable_and_deduplicates(tmp_path):
 
 
 def test_resources_the_cluster_lacks_are_an_error_up_front(tiny_models_root, monkeypatch):
-    from annotate.engine import check_resources
+    from annotate.engine.job import check_resources
 
     monkeypatch.chdir(tiny_models_root)
     config = load_config(TINY_PROFILE)

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from annotate.plan import Plan, PlanMismatch, partition
+from annotate.engine.plan import Plan, PlanMismatch, partition
 from annotate.sources import (
     CocoSource,
     FolderSource,

@@ -12,7 +12,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 
-from annotate.toy_world import ToyInstance, ToyScene, render
+from annotate.toy.world import ToyInstance, ToyScene, render
 from evaluation.benchmark import build_benchmark
 from evaluation.config import BenchmarkConfig, GenerationConfig, parse_config
 from evaluation.protocols import resolve
@@ -122,8 +122,8 @@ def test_attribute_rates_travel_to_metrics_records_and_report(
             "min_instances": 1,
             "max_instances": 4,
         },
-        "detector": {"backend": "evaluation.toy_backends:ToyDetector"},
-        "judges": [{"name": "toy-exact", "backend": "evaluation.toy_backends:ToyJudge"}],
+        "detector": {"backend": "evaluation.backends.toy:ToyDetector"},
+        "judges": [{"name": "toy-exact", "backend": "evaluation.backends.toy:ToyJudge"}],
         "methods": [
             {"name": "real", "runner": "real"},
             {"name": "solid", "runner": "images", "folder": str(solid)},

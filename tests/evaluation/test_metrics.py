@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from annotate.config import ConfigError
-from annotate.vlm import ChatReply, ChatRequest
+from annotate.vlm.client import ChatReply, ChatRequest
+from evaluation.backends.vlm_judges import QUESTIONS, VLMJudge
 from evaluation.benchmark import (
     BenchmarkError,
     BenchmarkInstance,
@@ -20,7 +21,6 @@ from evaluation.benchmark import (
     read_benchmark,
 )
 from evaluation.config import BenchmarkConfig, parse_config
-from evaluation.judges import QUESTIONS, VLMJudge
 from evaluation.metrics import FidScorer, average_precision, ifs_summary, instance_records
 from evaluation.protocols import Detection
 from evaluation.report import markdown_table, summary_table
@@ -138,7 +138,7 @@ def test_ifs_counts_yes_no_unparsable_and_misplaced():
 
 @pytest.fixture(scope="module")
 def inception(tmp_path_factory):
-    from evaluation.tiny_models import write_inception
+    from annotate.tiny.benchmark import write_inception
 
     return write_inception(tmp_path_factory.mktemp("inception") / "inception.pth")
 

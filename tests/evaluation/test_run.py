@@ -25,7 +25,7 @@ from tests.support.shards import default_rows, write_dataset
 
 @pytest.fixture(scope="module")
 def eval_models(tmp_path_factory):
-    from evaluation.tiny_models import write_tiny_eval_models
+    from annotate.tiny.benchmark import write_tiny_eval_models
 
     return write_tiny_eval_models(tmp_path_factory.mktemp("tiny-eval"))
 
@@ -134,10 +134,10 @@ def test_evaluate_end_to_end_and_resume(
 def test_folder_runner_scores_like_the_method_that_made_the_images(
     tmp_path, shards, base_dir, adapter_dir, eval_models, tiny_models_root, tiny_vlm
 ):
-    """The HTTP judge (annotate.vlm_server) gives the in-process judge's answers, and images read
+    """The HTTP judge (annotate.vlm.server) gives the in-process judge's answers, and images read
     from a folder score exactly as the method that generated them."""
-    from annotate.vlm_server import ChatCompletionsServer, running
-    from annotate.vlm_transformers import TransformersChatClient
+    from annotate.vlm.in_process import TransformersChatClient
+    from annotate.vlm.server import ChatCompletionsServer, running
 
     client = TransformersChatClient(str(tiny_vlm("qwen2_vl")), "cpu", max_batch=8)
     with running(ChatCompletionsServer(client, "qwen")) as url:

@@ -6,12 +6,12 @@ import pytest
 import yaml
 
 from annotate.config import load_config as load_annotate_config
-from annotate.engine import annotate
+from annotate.engine.job import annotate
 from annotate.sources import open_source
-from annotate.toy_world import ToyInstance, ToyScene, render
+from annotate.toy.world import ToyInstance, ToyScene, render
+from evaluation.backends.toy import ToyDetector, ToyJudge
 from evaluation.config import parse_config
 from evaluation.run import evaluate
-from evaluation.toy_backends import ToyDetector, ToyJudge
 from tests.annotate.toy.test_source import DEMO_PROFILE
 
 

@@ -160,9 +160,9 @@ def test_pipeline_in_half_precision_on_cuda(half_base, float32_images, dtype, is
 @pytest.fixture(scope="module")
 def runner_world(half_base, tmp_path_factory):
     """A one-layout benchmark over test shards, and the tiny GLIGEN."""
+    from annotate.tiny.benchmark import GLIGEN_DIR, write_tiny_eval_models
     from evaluation.benchmark import build_benchmark
     from evaluation.config import BenchmarkConfig
-    from evaluation.tiny_models import GLIGEN_DIR, write_tiny_eval_models
     from tests.support.shards import default_rows, write_dataset
 
     root = tmp_path_factory.mktemp("runners")

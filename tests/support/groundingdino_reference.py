@@ -6,8 +6,8 @@
 real Swin-T backbone, smaller transformer and BERT) with the weights ``random_state`` makes from
 the key layout and seed stored in the fixture. The main environment converts the same weights to
 ``GroundingDinoForObjectDetection`` and must reproduce those outputs; the original environment
-runs ``annotate.groundingdino_py`` against them. Only torch, numpy and PIL are used here, so both
-environments import it.
+runs ``annotate.detectors.groundingdino_py`` against them. Only torch, numpy and PIL are used
+here, so both environments import it.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from annotate.vlm import ChatReply
-from annotate.vlm_server import ChatCompletionsServer, completion_body, error_response, text_of
+from annotate.vlm.client import ChatReply
+from annotate.vlm.server import ChatCompletionsServer, completion_body, error_response, text_of
 
 
 @dataclass

@@ -5,7 +5,7 @@ import json
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from training.toy_base import BaseTrainingConfig, train_base
+from annotate.toy.base import BaseTrainingConfig, train_base
 
 
 def test_train_base_writes_a_loadable_pipeline_and_its_record(tmp_path):
@@ -37,8 +37,8 @@ def test_train_base_writes_a_loadable_pipeline_and_its_record(tmp_path):
 
 
 def test_unet_stage_resumes_exactly_from_its_state(tmp_path):
+    from annotate.toy.base import train_unet
     from ifadapter import tiny
-    from training.toy_base import train_unet
 
     latents = torch.randn(6, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     captions = ["a red solid circle", "a blue striped square"] * 3

@@ -11,11 +11,11 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from annotate.toy_world import scenes
-from evaluation.toy_verifiers import best_iou, detect, verify
+from annotate.toy.base import QUALITY_GATE, BaseTrainingConfig, evaluate_base
+from annotate.toy.verifiers import best_iou, detect, verify
+from annotate.toy.world import scenes
 from ifadapter import IFAdapter, IFAdapterSDXLPipeline
 from tests.support.paths import MODELS
-from training.toy_base import QUALITY_GATE, BaseTrainingConfig, evaluate_base
 
 BASE, ADAPTER = MODELS / "toy-base", MODELS / "toy-adapter"
 HELD_OUT = 7  # a world seed neither model was trained or benchmarked on

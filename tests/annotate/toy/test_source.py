@@ -8,10 +8,11 @@ import pytest
 from PIL import Image
 
 from annotate.config import load_config
-from annotate.engine import annotate
+from annotate.engine.job import annotate
 from annotate.schema import Manifest
-from annotate.sources import SourceError, ToySource, open_source
-from annotate.toy_world import parse_description, render, scenes
+from annotate.sources import SourceError, open_source
+from annotate.toy.source import ToySource
+from annotate.toy.world import parse_description, render, scenes
 from tests.support.annotate_inputs import REPO
 
 DEMO_PROFILE = REPO / "configs" / "demo.yaml"
@@ -66,4 +67,4 @@ def test_oracle_annotates_the_ground_truth(ray_cluster, tmp_path):
         for got, instance in zip(row["instances"], scene.instances, strict=True):
             assert np.allclose(got["box"], instance.box, atol=1e-6)
         assert row["image"] is not None  # toy URIs are not files: the shard keeps the pixels
-        assert "annotate.oracle:OracleDetector" in row["annotator"]
+        assert "annotate.toy.oracle:OracleDetector" in row["annotator"]

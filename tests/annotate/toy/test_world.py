@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from annotate.toy_world import COLOURS, SHAPES, TEXTURES, ToyInstance, ToyScene, render, scenes
-from evaluation.toy_verifiers import best_iou, detect, verify
+from annotate.toy.verifiers import best_iou, detect, verify
+from annotate.toy.world import COLOURS, SHAPES, TEXTURES, ToyInstance, ToyScene, render, scenes
 
 
 def rates(scene_list, images):

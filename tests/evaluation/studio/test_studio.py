@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from annotate.toy_world import ToyInstance, ToyScene, render
+from annotate.toy.world import ToyInstance, ToyScene, render
 from evaluation.studio.engine import Studio
 from evaluation.studio.judging import ToyJudging
 from evaluation.studio.layouts import from_canvas, layout_json, read_layouts, to_canvas

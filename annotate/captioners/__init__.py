@@ -1,0 +1,1 @@
+"""Captioners: a global caption and one per instance, from a VLM or without a model."""

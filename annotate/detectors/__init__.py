@@ -1,0 +1,1 @@
+"""Detectors: boxes for an image's tags (Grounding-DINO) and the choice among raw detections."""

@@ -1,0 +1,1 @@
+"""Taggers: the tags of an image (RAM/RAM++, CLIP) and their vocabularies."""

@@ -1,0 +1,1 @@
+"""Vision-language model plumbing shared with evaluation: clients, server, decoding, judge."""

@@ -1,0 +1,1 @@
+"""The benchmark's detector and judge backends: Grounding-DINO, VLM judges, the toy world's."""
