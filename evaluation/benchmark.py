@@ -21,19 +21,43 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
-from annotate.schema import MANIFEST_NAME, Manifest, check_schema, file_sha256
-from evaluation.config import BenchmarkConfig
+from annotate.schema import MANIFEST_NAME, Manifest, check_schema
+from ifadapter.utils.files import file_sha256, json_sha256, write_json_atomic
 
 FORMAT = "ifg-benchmark"
 VERSION = 1
 COLUMNS = ["image_id", "sha256", "uri", "width", "height", "caption", "instances"]
+
+
+class BenchmarkConfig(BaseModel):
+    """Where the benchmark file is (built from ``shards`` when missing) and its selection rules."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: Path
+    shards: Path | None = None  # an annotated shard dataset; needed only to build the file
+    count: PositiveInt = 1000
+    seed: int = 0
+    min_instances: PositiveInt = 1
+    max_instances: PositiveInt = 8
+    min_box: float = Field(0.02, ge=0.0, lt=1.0)  # shortest box side, normalised
+
+    @model_validator(mode="after")
+    def _range(self) -> BenchmarkConfig:
+        if self.min_instances > self.max_instances:
+            raise ValueError(f"min_instances {self.min_instances} > max_instances")
+        return self
+
+    def rules(self) -> dict:
+        """What decides the selection (not where the file goes)."""
+        return self.model_dump(mode="json", exclude={"file", "shards"})
 
 
 class BenchmarkError(ValueError):
@@ -107,8 +131,8 @@ class Benchmark:
 
 
 def content_digest(content: dict) -> str:
-    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    """The checksum a benchmark file records of its own content (compact canonical JSON)."""
+    return json_sha256(content, compact=True)
 
 
 def _rejection(row: dict, config: BenchmarkConfig) -> str | None:
@@ -204,10 +228,7 @@ def build_benchmark(config: BenchmarkConfig) -> Benchmark:
     }
     digest = content_digest(content)
     target = Path(config.file)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(target.name + ".tmp")
-    temporary.write_text(json.dumps({**content, "sha256": digest}, indent=1, sort_keys=True))
-    os.replace(temporary, target)
+    write_json_atomic(target, {**content, "sha256": digest}, indent=1, sort_keys=True)
     return Benchmark(target, digest, content["rules"], tuple(chosen), content["source"])
 
 

@@ -4,6 +4,9 @@ The detector, every judge and every method name a backend (a short name or ``"mo
 see ``evaluation.protocols``) and carry that backend's own settings beside it; the backend's
 ``Settings`` model validates them at load, so a typo fails before any model loads. Relative
 paths are read from the directory the command runs in. Errors are one line naming the fields.
+The ``benchmark:`` entry's model lives with the benchmark (``evaluation.benchmark``) and the
+``generation:`` entry's with the runners' interface (``evaluation.protocols``), which both
+import without importing this module.
 """
 
 from __future__ import annotations
@@ -22,34 +25,12 @@ from pydantic import (
     model_validator,
 )
 
-from annotate.config import ModelRef, load_section, parse_section
-from evaluation.protocols import EvaluationBackend, Kind, resolve
+from annotate.config import ModelRef
+from evaluation.benchmark import BenchmarkConfig
+from evaluation.protocols import EvaluationBackend, GenerationConfig, Kind, resolve
+from ifadapter.utils.profiles import load_section, parse_section
 
 SECTION = "evaluate"
-
-
-class BenchmarkConfig(BaseModel):
-    """Where the benchmark file is (built from ``shards`` when missing) and its selection rules."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    file: Path
-    shards: Path | None = None  # an annotated shard dataset; needed only to build the file
-    count: PositiveInt = 1000
-    seed: int = 0
-    min_instances: PositiveInt = 1
-    max_instances: PositiveInt = 8
-    min_box: float = Field(0.02, ge=0.0, lt=1.0)  # shortest box side, normalised
-
-    @model_validator(mode="after")
-    def _range(self) -> BenchmarkConfig:
-        if self.min_instances > self.max_instances:
-            raise ValueError(f"min_instances {self.min_instances} > max_instances")
-        return self
-
-    def rules(self) -> dict:
-        """What decides the selection (not where the file goes)."""
-        return self.model_dump(mode="json", exclude={"file", "shards"})
 
 
 class BackendConfig(BaseModel):
@@ -139,18 +120,6 @@ class MetricsConfig(BaseModel):
         if not 0 < value[0] < value[1] < 1:
             raise ValueError("size_buckets must be two increasing area shares in (0, 1)")
         return value
-
-
-class GenerationConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    seed: int = 0
-    batch_size: PositiveInt = 8
-    height: PositiveInt | None = None  # None: the pipeline's default size
-    width: PositiveInt | None = None
-    # None: by the device, float32 on the CPU (half-precision matmuls are slow or missing
-    # there) and float16 on an accelerator, as `ifadapter generate` chooses.
-    dtype: str | None = Field(None, pattern=r"^(float32|float16|bfloat16)$")
 
 
 class ReportConfig(BaseModel):

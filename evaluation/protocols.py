@@ -17,16 +17,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from PIL import Image
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from annotate.vlm.judge import Verdict
-
-if TYPE_CHECKING:
-    from evaluation.benchmark import Benchmark, BenchmarkLayout
-    from evaluation.config import GenerationConfig
+from evaluation.benchmark import Benchmark, BenchmarkLayout
 
 Kind = Literal["detector", "judge", "runner"]
 
@@ -154,6 +151,20 @@ class InstanceJudge(EvaluationBackend, ABC):
         """One verdict per ``(crop, description)``, in order; an unusable reply is a ``Verdict``
         with ``answer`` None and the reason, never an exception. A judge with ``attributes``
         gives each verdict it could read ``Verdict.attributes`` (one bool per name)."""
+
+
+class GenerationConfig(BaseModel):
+    """The ``generation:`` entry of the ``evaluate:`` section: what every runner is given."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = 0
+    batch_size: PositiveInt = 8
+    height: PositiveInt | None = None  # None: the pipeline's default size
+    width: PositiveInt | None = None
+    # None: by the device, float32 on the CPU (half-precision matmuls are slow or missing
+    # there) and float16 on an accelerator, as `ifadapter generate` chooses.
+    dtype: str | None = Field(None, pattern=r"^(float32|float16|bfloat16)$")
 
 
 class Runner(EvaluationBackend, ABC):

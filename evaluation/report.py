@@ -25,21 +25,18 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw
 
+from evaluation.benchmark import Benchmark
 from evaluation.config import ReportConfig
-from evaluation.metrics import objections
+from evaluation.method_run import MethodRun
+from evaluation.metrics import InstanceRecord, objections
 from ifadapter.layout import Instance, Layout
 from ifadapter.visualize import draw_layout
-
-if TYPE_CHECKING:
-    from evaluation.benchmark import Benchmark
-    from evaluation.metrics import InstanceRecord
-    from evaluation.run import MethodRun
 
 # docs/design.md: the paper's Table 1 (IFS Qwen/InternVL/CogVLM in %, AP, CLIP, FID).
 PAPER_TABLE1: list[dict] = [
@@ -96,8 +93,6 @@ def load_table(metrics_path: str | Path) -> tuple[list[dict], str]:
     """The method table of a ``metrics.json`` as rows and as Markdown: what a flow publishes as
     its artifact (``prefect.artifacts.create_table_artifact(rows)`` / ``create_markdown_artifact``).
     """
-    import json
-
     metrics = json.loads(Path(metrics_path).read_text())
     return summary_table(metrics), markdown_summary(metrics)
 

@@ -19,7 +19,6 @@ then each judge, CLIP, FID), so only one model is in memory at once. Everything 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -35,8 +34,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from annotate.vlm.crops import crop_box
-from evaluation.benchmark import Benchmark, BenchmarkLayout, load_or_build
-from evaluation.config import EvaluateConfig, MethodConfig, load_config
+from evaluation.benchmark import Benchmark, load_or_build
+from evaluation.config import EvaluateConfig, load_config
+from evaluation.method_run import MethodRun, fingerprint_key
 from evaluation.metrics import (
     ClipScorer,
     FidScorer,
@@ -47,7 +47,8 @@ from evaluation.metrics import (
 )
 from evaluation.protocols import Detection, weights_stamp
 from evaluation.report import markdown_summary, summary_table, write_report
-from evaluation.runners import image_name, layout_seed
+from evaluation.runners import layout_seed
+from ifadapter.utils.files import atomic_open
 
 REFERENCE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -61,10 +62,6 @@ class EvaluationResult:
     markdown: str  # the same table as Markdown (a Prefect artifact's body)
     metrics: dict  # what metrics.json holds
     timings: dict[str, float]  # seconds per stage of this call (model loading included)
-
-
-def _digest(data: object) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @contextmanager
@@ -95,33 +92,6 @@ def _read_jsonl(path: Path) -> dict[str, dict]:
 def _append_jsonl(path: Path, entries: Sequence[dict]) -> None:
     with path.open("a") as handle:
         handle.write("".join(json.dumps(entry) + "\n" for entry in entries))
-
-
-class MethodRun:
-    """One method's working directory: its images and its cached detections and verdicts."""
-
-    def __init__(
-        self, output: Path, method: MethodConfig, config: EvaluateConfig, benchmark: Benchmark
-    ):
-        self.method = method
-        fingerprint = {
-            "runner": method.fingerprint(),
-            "generation": config.generation.model_dump(mode="json"),
-            "benchmark": benchmark.sha256,
-        }
-        self.directory = output / "methods" / method.name / _digest(fingerprint)
-        self.images = self.directory / "images"
-        self.images.mkdir(parents=True, exist_ok=True)
-        (self.directory / "fingerprint.json").write_text(
-            json.dumps(fingerprint, indent=1, default=str)
-        )
-
-    def image_path(self, layout: BenchmarkLayout) -> Path:
-        return self.images / f"{image_name(layout.id)}.png"
-
-    def image(self, layout: BenchmarkLayout) -> Image.Image:
-        with Image.open(self.image_path(layout)) as image:
-            return image.convert("RGB")
 
 
 @contextmanager
@@ -158,9 +128,8 @@ def generate(run: MethodRun, config: EvaluateConfig, benchmark: Benchmark, progr
         if len(images) != len(batch):
             raise ValueError(f"runner of {method.name} made {len(images)} images for {len(batch)}")
         for layout, image in zip(batch, images, strict=True):
-            temporary = run.image_path(layout).with_suffix(".tmp.png")
-            image.convert("RGB").save(temporary)
-            temporary.replace(run.image_path(layout))  # never a half-written image
+            with atomic_open(run.image_path(layout)) as handle:  # never a half-written image
+                image.convert("RGB").save(handle, format="PNG")
         bar.update(len(batch))
     bar.close()
     del runner
@@ -172,7 +141,7 @@ def detect(
 ) -> dict[str, dict[str, list[Detection]]]:
     """Detections per method and layout, cached per detector fingerprint."""
     assert config.detector is not None
-    key = _digest(config.detector.fingerprint())
+    key = fingerprint_key(config.detector.fingerprint())
     detector = None
     results: dict[str, dict[str, list[Detection]]] = {}
     for run in runs:
@@ -211,7 +180,7 @@ def judge(
     assert config.detector is not None
     layouts = {layout.id: layout for layout in benchmark.layouts}
     for entry in config.judges:
-        key = _digest(
+        key = fingerprint_key(
             {
                 "judge": entry.fingerprint(),
                 "detector": config.detector.fingerprint(),
@@ -314,9 +283,8 @@ def _cached_features(
     if path.is_file():
         return np.load(path)
     features = np.concatenate([scorer().features(images) for images in batches])
-    temporary = path.with_suffix(".tmp.npy")
-    np.save(temporary, features)
-    temporary.replace(path)
+    with atomic_open(path) as handle:
+        np.save(handle, features)
     return features
 
 
@@ -331,7 +299,7 @@ def fid_scores(
     per reference set), so a rerun computes only what is new."""
     assert config.metrics.fid is not None
     fid_config = config.metrics.fid
-    weights = _digest(weights_stamp([fid_config.inception]))
+    weights = fingerprint_key(weights_stamp([fid_config.inception]))
     reference = fid_config.reference
     source = benchmark.sha256 if reference is None else weights_stamp([reference])
     loaded: list[FidScorer] = []
@@ -342,7 +310,7 @@ def fid_scores(
         return loaded[0]
 
     reference_features = _cached_features(
-        output / f"fid-reference-{_digest([weights, source])}.npy",
+        output / f"fid-reference-{fingerprint_key([weights, source])}.npy",
         _reference_images(config, benchmark),
         scorer,
     )
@@ -356,10 +324,8 @@ def fid_scores(
 
 
 def write_records(path: Path, records: Sequence[InstanceRecord]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    pq.write_table(pa.Table.from_pylist([r.to_row() for r in records]), temporary)
-    temporary.replace(path)
+    with atomic_open(path) as handle:
+        pq.write_table(pa.Table.from_pylist([r.to_row() for r in records]), handle)
 
 
 def not_computed(config: EvaluateConfig) -> dict[str, str]:

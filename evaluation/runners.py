@@ -35,8 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt
 
 from annotate.config import ModelRef
 from evaluation.benchmark import Benchmark, BenchmarkLayout
-from evaluation.config import GenerationConfig
-from evaluation.protocols import Runner
+from evaluation.protocols import GenerationConfig, Runner
 from ifadapter.base_model import check_base
 from ifadapter.sampling import default_dtype, generators
 

@@ -19,6 +19,8 @@ from typing import Any
 import yaml
 
 from annotate.toy.world import scenes
+from ifadapter.utils.files import atomic_directory
+from ifadapter.utils.profiles import read_profile
 
 PROJECT = Path(__file__).resolve().parent.parent
 DEMO_PROFILE = PROJECT / "configs" / "demo.yaml"
@@ -34,7 +36,7 @@ EXAMPLE_WORLD_SEED = 7  # layouts shipped beside the adapter to try it on
 def demo_profile(path: Path, quick: bool = False, steps: int | None = None) -> Path:
     """The demo profile with absolute model paths (and the quick sizes, or ``steps`` training
     steps), written to ``path``."""
-    profile = yaml.safe_load(DEMO_PROFILE.read_text())
+    profile = read_profile(DEMO_PROFILE)
     train = profile["train"]
     train["base"] = str(PROJECT / train["base"])
     if steps is not None:
@@ -100,12 +102,9 @@ def export_adapter(adapter: Path, out: Path, export: Path) -> None:
     """The adapter checkpoint plus what made it and what it scored: ``demo.yaml`` (the profile),
     ``metrics.json`` and ``report.html`` of the benchmark, ``train_metrics.jsonl`` (the curve),
     and ``layouts.jsonl`` to try it on."""
-    temporary = export.with_name(f".{export.name}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    shutil.copytree(adapter, temporary)
-    for name in ("demo.yaml", "metrics.json", "report.html"):
-        shutil.copyfile(out / name, temporary / name)
-    (temporary / "layouts.jsonl").write_text(example_layouts())
-    shutil.copyfile(adapter.parent / "metrics.jsonl", temporary / "train_metrics.jsonl")
-    shutil.rmtree(export, ignore_errors=True)
-    temporary.rename(export)
+    with atomic_directory(export) as temporary:
+        shutil.copytree(adapter, temporary)
+        for name in ("demo.yaml", "metrics.json", "report.html"):
+            shutil.copyfile(out / name, temporary / name)
+        (temporary / "layouts.jsonl").write_text(example_layouts())
+        shutil.copyfile(adapter.parent / "metrics.jsonl", temporary / "train_metrics.jsonl")

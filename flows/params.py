@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -23,6 +22,7 @@ from pydantic import (
 )
 
 from flows.ray_session import check_address
+from ifadapter.utils.profiles import one_line, read_profile, sections
 
 STAGES = ("annotate", "cache", "train", "evaluate")
 # The profile section each stage reads (the cache is computed from the train: section).
@@ -81,16 +81,8 @@ class PipelineParams(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineParams:
-        path = Path(self.config)
-        if not path.is_file():
-            raise ValueError(f"config {self.config} does not exist")
-        try:
-            document = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            raise ValueError(f"config {self.config} is not YAML: {error}") from None
-        if not isinstance(document, dict):
-            raise ValueError(f"config {self.config} is not a YAML mapping of sections")
-        present = {name for name, value in document.items() if isinstance(value, dict)}
+        document = read_profile(self.config)
+        present = sections(document)
         missing = sorted({SECTIONS[s] for s in self.chosen(present)} - present)
         if missing:
             raise ValueError(f"config {self.config} has no {', '.join(missing)}: section")
@@ -159,12 +151,7 @@ def check_params(**values: object) -> PipelineParams:
     try:
         return PipelineParams.model_validate(values)
     except ValidationError as error:
-        faults = "; ".join(
-            (f"{'.'.join(str(p) for p in e['loc'])}: " if e["loc"] else "")
-            + str(e["msg"]).removeprefix("Value error, ")
-            for e in error.errors()
-        )
-        raise ValueError(f"invalid pipeline parameters: {faults}") from None
+        raise ValueError(f"invalid pipeline parameters: {one_line(error)}") from None
 
 
 def _check_source(name: str, value: str) -> None:

@@ -1,8 +1,9 @@
 """Prefect 3 flows: one per stage, and ``ifadapter-pipeline``, the DAG annotate -> cache ->
 train -> evaluate.
 
-Every task is a thin wrapper over a function of ``flows.stages`` (skip when complete, else
-connect to Ray and run the stage's own entry point) and returns locations and counts. Tasks
+Every stage runs as ``stage_task`` under the stage's name, a thin wrapper over the stage's
+function of ``flows.stages`` (skip when complete, else connect to Ray and run the stage's own
+entry point), and returns locations and counts. Tasks
 retry with exponential back-off, but only on failures a second attempt can cure (a lost Ray
 node, a dropped connection): bad input (``ValueError``: a config fault, a dataset that does not
 follow the contract, a plan that does not match the directory) fails at once. A failed stage
@@ -13,16 +14,20 @@ the report's location; every pipeline run also publishes a summary of its stages
 ``run_pipeline`` runs the pipeline from plain Python (the ``ifadapter pipeline`` command, the
 demo): it checks the parameters first, then runs the flow against the Prefect API configured
 (``PREFECT_API_URL``), or Prefect's temporary local server when there is none.
+
+The pipeline flow's signature is the one definition of the parameters: each one-stage flow takes
+some of them (``STAGE_FLOWS``) and ``run_pipeline`` takes them all, with the same defaults.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import Flow, flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
@@ -31,13 +36,13 @@ from flows import stages
 from flows.params import PipelineParams, check_params
 from flows.ray_jobs import is_job_address, run_stage_job
 from flows.ray_session import ray_scope
+from flows.stage_records import StageRecord
+from flows.stages import FINAL_ERRORS
 
 PIPELINE_FLOW = "ifadapter-pipeline"
 RETRIES = int(os.environ.get("IFADAPTER_TASK_RETRIES", "2"))
 BACKOFF_S = float(os.environ.get("IFADAPTER_RETRY_BACKOFF_S", "10"))
-# Faults a retry repeats identically: bad configs, inputs or datasets, missing files or code.
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-FINAL_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError, KeyError)
 
 
 class StageFailed(RuntimeError):
@@ -67,9 +72,21 @@ def transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def _call(stage: str, ray_address: str | None, /, **arguments: Any) -> dict[str, Any]:
-    """The stage in this process (joining ``ray_address`` or a local Ray), or, for a job
-    server address (``http://head:8265``), as a Ray job on the cluster (``flows.ray_jobs``)."""
+@task(
+    name="stage",
+    retries=RETRIES,
+    retry_delay_seconds=exponential_backoff(backoff_factor=BACKOFF_S),
+    retry_condition_fn=transient,
+    cache_policy=NO_CACHE,  # completion is judged from the files (flows.stage_records)
+    # The stages report through their progress bars and return their counts; what the
+    # libraries inside them print (pycocotools' AP table, for one) stays out of the run log.
+    log_prints=False,
+)
+def stage_task(stage: str, ray_address: str | None, arguments: dict[str, Any]) -> dict[str, Any]:
+    """``flows.stages.<stage>_stage(**arguments)`` in this process (joining ``ray_address`` or
+    a local Ray), or, for a job server address (``http://head:8265``), as a Ray job on the
+    cluster (``flows.ray_jobs``). The stage functions' signatures are the arguments' one
+    definition."""
     if is_job_address(ray_address):
         return run_stage_job(ray_address, stage, arguments)
     try:
@@ -83,97 +100,6 @@ def _call(stage: str, ray_address: str | None, /, **arguments: Any) -> dict[str,
         if isinstance(error, ray.exceptions.RayError | ConnectionError):
             ray.shutdown()
         raise
-
-
-def _stage_task(name: str):
-    return task(
-        name=name,
-        retries=RETRIES,
-        retry_delay_seconds=exponential_backoff(backoff_factor=BACKOFF_S),
-        retry_condition_fn=transient,
-        cache_policy=NO_CACHE,  # completion is judged from the files (flows.records)
-        # The stages report through their progress bars and return their counts; what the
-        # libraries inside them print (pycocotools' AP table, for one) stays out of the run log.
-        log_prints=False,
-    )
-
-
-@_stage_task("annotate")
-def annotate_task(
-    config: str, input: str, shards: str, records: str, ray_address: str | None
-) -> dict[str, Any]:
-    """Annotates ``input`` into the shard dataset ``shards`` (Ray Data job)."""
-    return _call(
-        "annotate", ray_address, profile=config, input=input, output=shards, records=records
-    )
-
-
-@_stage_task("cache")
-def cache_task(config: str, shards: str, train_dir: str, ray_address: str | None) -> dict:
-    """Caches latents and text-encoder outputs of ``shards`` (Ray Data job)."""
-    return _call("cache", ray_address, profile=config, shards=shards, output=train_dir)
-
-
-@_stage_task("train")
-def train_task(
-    config: str,
-    shards: str,
-    train_dir: str,
-    records: str,
-    cache_key: str,
-    ray_address: str | None,
-) -> dict[str, Any]:
-    """Trains the adapter on the cache (Ray Train job)."""
-    return _call(
-        "train",
-        ray_address,
-        profile=config,
-        shards=shards,
-        output=train_dir,
-        records=records,
-        cache_key=cache_key,
-    )
-
-
-@_stage_task("annotate-benchmark")
-def annotate_benchmark_task(
-    config: str, input: str, shards: str, records: str, ray_address: str | None
-) -> dict[str, Any]:
-    """Annotates the benchmark's layouts (held-out inputs) into their own shard dataset."""
-    return _call(
-        "annotate",
-        ray_address,
-        profile=config,
-        input=input,
-        output=shards,
-        records=records,
-        stage="annotate-benchmark",
-    )
-
-
-@_stage_task("evaluate")
-def evaluate_task(
-    config: str,
-    adapter: str,
-    eval_dir: str,
-    records: str,
-    methods: list[str] | None,
-    ray_address: str | None,
-    benchmark_shards: str | None = None,
-    benchmark_file: str | None = None,
-) -> dict[str, Any]:
-    """Runs the IFG benchmark on the trained adapter (and the profile's other methods)."""
-    return _call(
-        "evaluate",
-        ray_address,
-        profile=config,
-        adapter=adapter,
-        output=eval_dir,
-        records=records,
-        methods=methods,
-        benchmark_shards=benchmark_shards,
-        benchmark_file=benchmark_file,
-    )
 
 
 # ------------------------------------------------------------------------------ artifacts
@@ -232,50 +158,41 @@ def publish_summary(params: PipelineParams, results: dict[str, dict[str, Any]]) 
 # ------------------------------------------------------------------------------ flows
 
 
-def _run(stage: str, call, *args: Any) -> dict[str, Any]:
-    """Calls a stage task; a failure becomes ``StageFailed`` naming the stage."""
+def _run(name: str, params: PipelineParams, **arguments: Any) -> dict[str, Any]:
+    """Runs the stage task ``name`` (``annotate-benchmark`` is the annotate stage under its own
+    record); a failure becomes ``StageFailed`` naming the stage."""
     logger = get_run_logger()
+    stage = "annotate" if name == "annotate-benchmark" else name
+    if name != stage:
+        arguments["stage"] = name
     try:
-        result = call(*args)
+        result = stage_task.with_options(name=name)(stage, params.ray_address, arguments)
     except Exception as error:
-        raise StageFailed(stage, error) from error
+        raise StageFailed(name, error) from error
     verb = "skipped (complete and unchanged)" if result.get("skipped") else "done"
-    logger.info("%s %s: %s", stage, verb, {k: v for k, v in result.items() if k != "markdown"})
+    logger.info("%s %s: %s", name, verb, {k: v for k, v in result.items() if k != "markdown"})
     return result
 
 
 def run_stages(params: PipelineParams) -> dict[str, dict[str, Any]]:
     """The DAG: each stage's outputs are the next one's inputs; returns each stage's summary."""
     chosen = params.chosen()
-    records = str(params.out)
+    common = {"profile": params.config, "records": str(params.out)}
     shards = str(params.shards_dir)
     train_dir = str(params.train_dir)
     results: dict[str, dict[str, Any]] = {}
     with ray_scope():
         if "annotate" in chosen:
             results["annotate"] = _run(
-                "annotate",
-                annotate_task,
-                params.config,
-                params.input,
-                shards,
-                records,
-                params.ray_address,
+                "annotate", params, **common, input=params.input, output=shards
             )
         if "cache" in chosen or "train" in chosen:
-            cache = _run("cache", cache_task, params.config, shards, train_dir, params.ray_address)
+            cache = _run("cache", params, profile=params.config, shards=shards, output=train_dir)
             if "cache" in chosen:
                 results["cache"] = cache
         if "train" in chosen:
             results["train"] = _run(
-                "train",
-                train_task,
-                params.config,
-                shards,
-                train_dir,
-                records,
-                cache["key"],
-                params.ray_address,
+                "train", params, **common, shards=shards, output=train_dir, cache_key=cache["key"]
             )
         if "evaluate" in chosen:
             results.update(_run_evaluate(params, results.get("train")))
@@ -288,25 +205,22 @@ def _run_evaluate(
     """The benchmark's annotation when asked for, then the evaluation and its artifacts."""
     if trained is None:
         # Evaluation alone: the adapter of the latest train stage recorded under this output.
-        from flows.records import StageRecord
-
         record = StageRecord.read(params.out, "train")
         if record is None:
             raise StageFailed(
                 "evaluate", ValueError(f"{params.output} holds no trained adapter: run train")
             )
         trained = record.summary
+    common = {"profile": params.config, "records": str(params.out)}
     results: dict[str, dict[str, Any]] = {}
     benchmark: dict[str, str] = {}
     if params.benchmark_input:
         results["annotate-benchmark"] = _run(
             "annotate-benchmark",
-            annotate_benchmark_task,
-            params.config,
-            params.benchmark_input,
-            str(params.benchmark_shards),
-            str(params.out),
-            params.ray_address,
+            params,
+            **common,
+            input=params.benchmark_input,
+            output=str(params.benchmark_shards),
         )
         benchmark = {
             "benchmark_shards": str(params.benchmark_shards),
@@ -314,14 +228,12 @@ def _run_evaluate(
         }
     results["evaluate"] = _run(
         "evaluate",
-        evaluate_task,
-        params.config,
-        trained["adapter"],
-        str(params.eval_dir),
-        str(params.out),
-        params.methods,
-        params.ray_address,
-        *benchmark.values(),
+        params,
+        **common,
+        adapter=trained["adapter"],
+        output=str(params.eval_dir),
+        methods=params.methods,
+        **benchmark,
     )
     publish_evaluation(results["evaluate"])
     return results
@@ -340,104 +252,81 @@ def pipeline(
 ) -> dict[str, dict[str, Any]]:
     """annotate -> cache -> train -> evaluate on one profile; stages whose outputs are complete
     and unchanged are skipped, the others run (and resume what a killed run left)."""
-    params = check_params(
-        config=config,
-        input=input,
-        output=output,
-        ray_address=ray_address,
-        methods=methods,
-        stages=stages,
-        shards=shards,
-        benchmark_input=benchmark_input,
-    )
+    params = check_params(**locals())  # here, exactly the parameters
     Path(params.output).mkdir(parents=True, exist_ok=True)
     results = run_stages(params)
     publish_summary(params, results)
     return results
 
 
-@flow(name="ifadapter-annotate", log_prints=True)
-def annotate_flow(
-    config: str, input: str, output: str = "out/pipeline", ray_address: str | None = None
-) -> dict[str, Any]:
-    """The annotate stage alone: ``input`` into ``<output>/shards``."""
-    params = check_params(
-        config=config, input=input, output=output, ray_address=ray_address, stages=["annotate"]
+PIPELINE_PARAMETERS = inspect.signature(pipeline.fn)
+
+
+def _bind(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """A call's arguments by name, defaults filled in (``TypeError`` as Python's own call)."""
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+# Each one-stage flow: the pipeline parameters it takes, in order, and those it cannot do without
+# (the rest keep the pipeline's defaults).
+STAGE_FLOWS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "annotate": (("config", "input", "output", "ray_address"), ("config", "input")),
+    "cache": (("config", "output", "shards", "ray_address"), ("config",)),
+    "train": (("config", "output", "shards", "ray_address"), ("config",)),
+    "evaluate": (("config", "output", "methods", "ray_address", "benchmark_input"), ("config",)),
+}
+
+
+def one_stage_flow(stage: str, description: str) -> Flow:
+    """The flow ``ifadapter-<stage>``: that stage alone (through the pipeline's DAG, so the
+    train stage finds or builds its cache first), taking ``STAGE_FLOWS[stage]``'s parameters."""
+    names, required = STAGE_FLOWS[stage]
+    parameters = [PIPELINE_PARAMETERS.parameters[name] for name in names]
+    signature = PIPELINE_PARAMETERS.replace(
+        parameters=[
+            p.replace(default=inspect.Parameter.empty) if p.name in required else p
+            for p in parameters
+        ],
+        return_annotation="dict[str, Any]",
     )
-    return run_stages(params)["annotate"]
+
+    def run_one_stage(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        values = _bind(signature, args, kwargs)
+        return run_stages(check_params(**values, stages=[stage]))[stage]
+
+    run_one_stage.__signature__ = signature  # what Prefect reads: names, types, defaults
+    run_one_stage.__name__ = run_one_stage.__qualname__ = f"{stage}_flow"
+    run_one_stage.__doc__ = description
+    return flow(name=f"ifadapter-{stage}", log_prints=True)(run_one_stage)
 
 
-@flow(name="ifadapter-cache", log_prints=True)
-def cache_flow(
-    config: str,
-    output: str = "out/pipeline",
-    shards: str | None = None,
-    ray_address: str | None = None,
-) -> dict[str, Any]:
-    """The cache stage alone, over ``shards`` (default ``<output>/shards``)."""
-    params = check_params(
-        config=config, output=output, shards=shards, ray_address=ray_address, stages=["cache"]
-    )
-    return run_stages(params)["cache"]
+annotate_flow = one_stage_flow(
+    "annotate", "The annotate stage alone: ``input`` into ``<output>/shards``."
+)
+cache_flow = one_stage_flow(
+    "cache", "The cache stage alone, over ``shards`` (default ``<output>/shards``)."
+)
+train_flow = one_stage_flow(
+    "train", "The train stage alone (its cache built or found first), over ``shards``."
+)
+evaluate_flow = one_stage_flow(
+    "evaluate",
+    "The evaluate stage alone, on the adapter the last train stage under ``output`` made.",
+)
 
 
-@flow(name="ifadapter-train", log_prints=True)
-def train_flow(
-    config: str,
-    output: str = "out/pipeline",
-    shards: str | None = None,
-    ray_address: str | None = None,
-) -> dict[str, Any]:
-    """The train stage alone (its cache built or found first), over ``shards``."""
-    params = check_params(
-        config=config, output=output, shards=shards, ray_address=ray_address, stages=["train"]
-    )
-    return run_stages(params)["train"]
-
-
-@flow(name="ifadapter-evaluate", log_prints=True)
-def evaluate_flow(
-    config: str,
-    output: str = "out/pipeline",
-    methods: list[str] | None = None,
-    ray_address: str | None = None,
-    benchmark_input: str | None = None,
-) -> dict[str, Any]:
-    """The evaluate stage alone, on the adapter the last train stage under ``output`` made."""
-    params = check_params(
-        config=config,
-        output=output,
-        methods=methods,
-        ray_address=ray_address,
-        stages=["evaluate"],
-        benchmark_input=benchmark_input,
-    )
-    return run_stages(params)["evaluate"]
-
-
-def run_pipeline(
-    config: str | Path,
-    input: str | None = None,
-    output: str | Path = "out/pipeline",
-    ray_address: str | None = None,
-    methods: list[str] | None = None,
-    stages: list[str] | None = None,
-    shards: str | Path | None = None,
-    benchmark_input: str | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Runs ``ifadapter-pipeline`` from plain Python and returns each stage's summary.
+def run_pipeline(*args: Any, **kwargs: Any) -> dict[str, dict[str, Any]]:
+    """Runs ``ifadapter-pipeline`` from plain Python and returns each stage's summary; takes
+    the pipeline flow's parameters (paths may be ``Path`` objects).
 
     Raises ``ValueError`` (one line) on bad parameters before Prefect starts, and
     ``StageFailed`` naming the stage when one fails."""
-    values = {
-        "config": str(config),
-        "input": None if input is None else str(input),
-        "output": str(output),
-        "ray_address": ray_address,
-        "methods": methods,
-        "stages": stages,
-        "shards": None if shards is None else str(shards),
-        "benchmark_input": benchmark_input,
-    }
+    values = _bind(PIPELINE_PARAMETERS, args, kwargs)
+    values = {name: str(v) if isinstance(v, Path) else v for name, v in values.items()}
     check_params(**values)
     return pipeline(**values)
+
+
+run_pipeline.__signature__ = PIPELINE_PARAMETERS

@@ -20,6 +20,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from flows import stages
+from flows.stages import FINAL_ERRORS
+
 RESULT = "IFADAPTER_STAGE_RESULT "
 ERROR = "IFADAPTER_STAGE_ERROR "
 # The submitting environment's settings a job needs as well (offline hub, thread counts).
@@ -81,9 +84,6 @@ def _same_image() -> bool:
 
 def main(argv: list[str]) -> int:
     """The job's entry point: ``python -m flows.ray_jobs STAGE JSON``."""
-    from flows import stages
-    from flows.pipeline import FINAL_ERRORS
-
     stage, arguments = argv[0], json.loads(argv[1])
     function = getattr(stages, f"{stage}_stage")
     try:

@@ -2,7 +2,7 @@
 
 Each function works out the digest of what its stage's result depends on, returns the recorded
 summary when the stage's record says the outputs are complete and unchanged
-(``flows.records``), and otherwise connects to Ray, calls the stage's own entry point
+(``flows.stage_records``), and otherwise connects to Ray, calls the stage's own entry point
 (``annotate.engine.job.annotate``, ``training.cache.build_cache``, ``training.run.train``,
 ``evaluation.run.evaluate``), which resumes from whatever a killed run left, and records the
 result. The heavy work, and every resume rule inside a stage, belongs to the stage's package;
@@ -18,12 +18,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from flows.ray_session import connect
-from flows.records import StageRecord, digest
+from flows.stage_records import StageRecord
+from ifadapter.utils.files import file_sha256, json_sha256
+from ifadapter.utils.profiles import profile_section
 
 logger = logging.getLogger(__name__)
+
+# What a stage raises for a fault a retry repeats identically: bad configs, inputs or datasets,
+# missing files or code. Anything else (a lost Ray node, a dropped connection) may pass later.
+FINAL_ERRORS = (ValueError, TypeError, FileNotFoundError, ImportError, KeyError)
 
 
 def _skipped(record: StageRecord) -> dict[str, Any]:
@@ -52,7 +56,7 @@ def _finish(
 def _drop_changed_shards(directory: Path) -> None:
     """Removes the listed files whose bytes no longer match the manifest (and the manifest), so
     that the engine, which trusts a shard that exists, annotates those partitions again."""
-    from annotate.schema import MANIFEST_NAME, Manifest, SchemaError, file_sha256
+    from annotate.schema import MANIFEST_NAME, Manifest, SchemaError
 
     try:
         manifest = Manifest.read(directory)
@@ -94,7 +98,7 @@ def annotate_stage(
     size = config.output.rows_per_shard
     parts = partition(list(source.items()), size)
     plan = Plan.make(source.describe(), parts, size, config.provenance())
-    inputs = digest(
+    inputs = json_sha256(
         {
             "plan": plan.__dict__,
             "output": str(Path(output).resolve()),
@@ -181,7 +185,7 @@ def train_stage(
     started = time.perf_counter()
     base = train_config(profile, shards, output)
     config = base.model_copy(update={"name": run_name(base.name, cache_key)})
-    inputs = digest(
+    inputs = json_sha256(
         {
             "trajectory": config.trajectory_digest(),
             "cache": cache_key,
@@ -230,10 +234,7 @@ def evaluate_config(
     built from layouts this pipeline annotated under its output."""
     from evaluation.config import parse_config
 
-    section = yaml.safe_load(Path(profile).read_text()).get("evaluate")
-    if not isinstance(section, dict):
-        raise ValueError(f"config {profile} has no evaluate: section")
-    section = json.loads(json.dumps(section))  # a copy to edit
+    section = json.loads(json.dumps(profile_section(profile, "evaluate")))  # a copy to edit
     listed = [m for m in section.get("methods", []) if isinstance(m, dict)]
     if methods is not None:
         names = [m.get("name") for m in listed]
@@ -249,7 +250,7 @@ def evaluate_config(
         section["benchmark"] = {**section.get("benchmark", {}), "shards": benchmark_shards}
     if benchmark_file is not None:
         section["benchmark"] = {**section.get("benchmark", {}), "file": benchmark_file}
-    return parse_config(section, f"{profile}: evaluate")
+    return parse_config(section, str(profile))
 
 
 def evaluate_stage(
@@ -265,7 +266,6 @@ def evaluate_stage(
     """Runs the benchmark on the trained adapter into ``output``; skipped when the adapter, the
     evaluate settings, the benchmark and the report files are the ones recorded (the
     evaluation also resumes by itself: images and scores already made are kept)."""
-    from annotate.schema import file_sha256
     from evaluation.run import evaluate
 
     started = time.perf_counter()
@@ -274,7 +274,7 @@ def evaluate_stage(
     benchmark = Path(config.benchmark.file)
 
     def current() -> str:
-        return digest(
+        return json_sha256(
             {
                 "config": config.model_dump(mode="json"),
                 "adapter": {p.name: file_sha256(p) for p in adapter_files},

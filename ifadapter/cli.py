@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from annotate.cli import run as run_annotate
     from evaluation.cli import run_evaluate
-    from flows.cli import run as run_pipeline
+    from flows.cli import run as run_pipeline_command
     from training.cli import run_train
 
     runners = {
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         "train": run_train,
         "evaluate": run_evaluate,
         "convert-released": run_convert_released,
-        "pipeline": run_pipeline,
+        "pipeline": run_pipeline_command,
     }
     try:
         runners[args.command](args)

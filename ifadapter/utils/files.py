@@ -17,7 +17,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 TEMPORARY_SUFFIX = ".tmp"
 
@@ -37,10 +37,9 @@ def _remove(path: Path) -> None:
 
 @contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path for the block to write ``target``'s content to (any writer: Parquet,
-    Arrow, ``np.save`` through an open file, ``Image.save`` with its ``format``); renamed over
-    ``target`` when the block ends without error, removed when it raises. The target's folder
-    is created."""
+    """A temporary path for the block to write ``target``'s content to (for writers that take
+    a path; ``atomic_open`` gives an open file instead); renamed over ``target`` when the block
+    ends without error, removed when it raises. The target's folder is created."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = temporary_path(target)
@@ -52,15 +51,27 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def atomic_open(target: str | os.PathLike, mode: str = "wb", sync: bool = False) -> Iterator[IO]:
+    """A file open for writing whose content becomes ``target`` when the block ends without
+    error (``atomic_path``); ``sync`` flushes it to the disk first (what a manifest will list
+    must survive a crash once listed)."""
+    with atomic_path(target) as temporary, open(temporary, mode) as handle:
+        yield handle
+        if sync:
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
 def write_bytes_atomic(target: str | os.PathLike, data: bytes) -> Path:
-    with atomic_path(target) as temporary:
-        temporary.write_bytes(data)
+    with atomic_open(target, "wb") as handle:
+        handle.write(data)
     return Path(target)
 
 
 def write_text_atomic(target: str | os.PathLike, text: str) -> Path:
-    with atomic_path(target) as temporary:
-        temporary.write_text(text)
+    with atomic_open(target, "w") as handle:
+        handle.write(text)
     return Path(target)
 
 

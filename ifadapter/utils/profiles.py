@@ -78,4 +78,3 @@ def load_section(model: type[M], section: str, path: str | Path, **overrides: An
     data = profile_section(path, section)
     data = {**data, **{key: value for key, value in overrides.items() if value is not None}}
     return parse_section(model, section, data, str(path))
-

@@ -2,12 +2,13 @@
 unchanged, and redo the rest.
 
 When a stage finishes, the pipeline writes ``<output>/_flows/<stage>.json``: a digest of
-everything the stage's result depends on (its settings, the checksums of its inputs), the
-checksum of every file it produced, and a summary (locations, counts) that a skipped stage
-returns instead of running. A stage is skipped only when its record exists, the digest of its
-inputs is the same now, and every output file still has its checksum; anything else (a changed
-profile, new shards upstream, a deleted or edited output, a run killed before the record was
-written) runs the stage again, and the stage itself resumes from what it finds on disk.
+everything the stage's result depends on (``ifadapter.utils.files.json_sha256`` of its settings
+and the checksums of its inputs), the checksum of every file it produced, and a summary
+(locations, counts) that a skipped stage returns instead of running. A stage is skipped only
+when its record exists, the digest of its inputs is the same now, and every output file still
+has its checksum; anything else (a changed profile, new shards upstream, a deleted or edited
+output, a run killed before the record was written) runs the stage again, and the stage itself
+resumes from what it finds on disk.
 
 Checksums are SHA-256 of the file's bytes. A file whose size and modification time are the
 ones recorded is not read again (the same shortcut make and rsync take), so a rerun over a
@@ -16,22 +17,15 @@ large dataset costs a ``stat`` per file; any other file is hashed in full.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from annotate.schema import file_sha256
+from ifadapter.utils.files import file_sha256, write_json_atomic
 
 RECORDS_DIR = "_flows"
-
-
-def digest(value: Any) -> str:
-    """SHA-256 of a JSON-able value, keys sorted: the identity of a stage's inputs."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
 @dataclass
@@ -84,11 +78,7 @@ class StageRecord:
     def write(self, output: Path) -> Path:
         """Atomic (temporary file, then rename): a record on disk is a whole record."""
         target = self.path(output, self.stage)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(asdict(self), indent=2, sort_keys=True, default=str))
-        os.replace(temporary, target)
-        return target
+        return write_json_atomic(target, asdict(self), indent=2, sort_keys=True, default=str)
 
     @classmethod
     def read(cls, output: Path, stage: str) -> StageRecord | None:
