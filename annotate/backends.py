@@ -8,6 +8,8 @@ that reads ground truth instead of running a model (the toy world's oracle) is j
 backend. A config names a backend by a short name from ``BUILTIN`` or by ``"module:Class"``, so
 a new one (RAM++, a vLLM captioner) plugs in without touching the engine. A captioner that runs
 as Ray Data operators of its own (vLLM in Ray Data) is a ``DatasetCaptioner`` instead.
+``StageConfig`` is a model stage's entry in the ``annotate:`` section: its backend, that
+backend's settings and the Ray resources of its actors (``annotate.config`` holds the section).
 """
 
 from __future__ import annotations
@@ -15,18 +17,24 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict
+import pyarrow as pa
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    NonNegativeFloat,
+    PositiveFloat,
+    PositiveInt,
+    PrivateAttr,
+    model_validator,
+)
 
 from annotate.engine.records import Captions, Detection, Record
 
-if TYPE_CHECKING:
-    import pyarrow as pa
+if TYPE_CHECKING:  # Ray only where a dataset captioner runs, not to validate a config
     import ray.data
-
-    from annotate.config import StageConfig
 
 Kind = Literal["tagger", "detector", "captioner"]
 
@@ -63,6 +71,8 @@ def _version(package: str) -> str | None:
 
 
 class NoSettings(BaseModel):
+    """The settings of a backend that takes none (annotators and the benchmark's backends)."""
+
     model_config = ConfigDict(extra="forbid")
 
 
@@ -126,21 +136,64 @@ INTERFACES: dict[str, tuple[type[Backend], ...]] = {
 }
 
 
-def resolve_backend(kind: Kind, name: str) -> type[Backend]:
-    """The class a config's ``backend`` names: a short name of ``BUILTIN[kind]`` or
-    ``"module:Class"``. Raises ``ValueError`` with the choices when it names nothing usable."""
-    target = BUILTIN[kind].get(name, name)
+def resolve_class(
+    what: str, name: str, builtin: Mapping[str, str], interfaces: tuple[type, ...], expected: str
+) -> type:
+    """The class a config names: a short name of ``builtin`` or ``"module:Class"``, subclassing
+    one of ``interfaces``. Raises ``ValueError`` naming ``what`` (e.g. "detector backend") and
+    the choices when it names nothing usable, or saying it "is not ``expected``". The data
+    engine's backends and the benchmark's (``evaluation.protocols``) are named this way."""
+    target = builtin.get(name, name)
     module_name, _, class_name = target.partition(":")
     if not class_name:
         raise ValueError(
-            f"unknown {kind} backend {name!r}: use one of {', '.join(BUILTIN[kind])} "
-            "or 'module:Class'"
+            f"unknown {what} {name!r}: use one of {', '.join(builtin)} or 'module:Class'"
         )
     try:
-        backend = getattr(importlib.import_module(module_name), class_name)
+        found = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError) as error:
-        raise ValueError(f"{kind} backend {name!r} cannot be imported: {error}") from None
-    if not (isinstance(backend, type) and issubclass(backend, INTERFACES[kind])):
-        expected = " or ".join(interface.__name__ for interface in INTERFACES[kind])
-        raise ValueError(f"{kind} backend {name!r} is not a {expected}")
-    return backend
+        raise ValueError(f"{what} {name!r} cannot be imported: {error}") from None
+    if not (isinstance(found, type) and issubclass(found, interfaces)):
+        raise ValueError(f"{what} {name!r} is not {expected}")
+    return found
+
+
+def resolve_backend(kind: Kind, name: str) -> type[Backend]:
+    """The class a config's ``backend`` names: a short name of ``BUILTIN[kind]`` or
+    ``"module:Class"``. Raises ``ValueError`` with the choices when it names nothing usable."""
+    interfaces = INTERFACES[kind]
+    expected = "a " + " or ".join(interface.__name__ for interface in interfaces)
+    return resolve_class(f"{kind} backend", name, BUILTIN[kind], interfaces, expected)
+
+
+class StageConfig(BaseModel):
+    """A model stage: its backend with that backend's settings, and its Ray actor pool."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: ClassVar[Kind]
+
+    backend: str
+    workers: PositiveInt = 1  # actors
+    num_cpus: PositiveFloat = 1.0  # per actor
+    num_gpus: NonNegativeFloat = 0.0  # per actor
+    batch_size: PositiveInt = 8
+    _settings: BaseModel = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _validate_backend_settings(self) -> StageConfig:
+        backend = resolve_backend(self.kind, self.backend)
+        self._settings = backend.Settings.model_validate(self.model_extra or {})
+        return self
+
+    @property
+    def settings(self) -> BaseModel:
+        return self._settings
+
+    def backend_class(self) -> type[Backend]:
+        return resolve_backend(self.kind, self.backend)
+
+    def provenance(self) -> dict:
+        return {"backend": self.backend, **self.backend_class().provenance(self.settings)}
+
+    def build(self, device: str) -> Backend:
+        return self.backend_class()(self.settings, device)

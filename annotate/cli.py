@@ -9,7 +9,6 @@ exiting with status 2. Heavy imports (Ray, torch) wait until the command runs.
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 
@@ -40,31 +39,28 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> None:
-    import ray
     from tqdm import tqdm
 
     from annotate.coco_export import export_coco
     from annotate.config import load_config
     from annotate.engine.job import annotate
+    from annotate.ray_session import connect, ray_scope, requested_address
     from annotate.sources import open_source
-    from flows.ray_session import connect
 
     config = load_config(args.config)
     source = open_source(args.input, images=args.images, name=args.source_name)
-    started_ray = not ray.is_initialized()
-    connect(args.ray_address or os.environ.get("RAY_ADDRESS"))
-    bar = tqdm(unit="img", desc="annotate", dynamic_ncols=True)
+    with ray_scope():
+        connect(requested_address(args.ray_address))
+        bar = tqdm(unit="img", desc="annotate", dynamic_ncols=True)
 
-    def on_plan(inputs: int, done: int) -> None:
-        bar.reset(total=inputs)
-        bar.update(done)
+        def on_plan(inputs: int, done: int) -> None:
+            bar.reset(total=inputs)
+            bar.update(done)
 
-    try:
-        summary = annotate(config, source, args.output, progress=bar.update, on_plan=on_plan)
-    finally:
-        bar.close()
-        if started_ray:
-            ray.shutdown()
+        try:
+            summary = annotate(config, source, args.output, progress=bar.update, on_plan=on_plan)
+        finally:
+            bar.close()
     for line in summary.lines():
         print(line)
     if args.export_coco:

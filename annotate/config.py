@@ -11,33 +11,16 @@ a local directory is an error at load, naming the reference.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, ClassVar, TypeVar
+from typing import Annotated, ClassVar
 
-import yaml
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    NonNegativeFloat,
-    PositiveFloat,
-    PositiveInt,
-    PrivateAttr,
-    ValidationError,
-    model_validator,
-)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt
 
-from annotate.backends import Backend, Kind, resolve_backend
+from annotate.backends import Kind, StageConfig
 from ifadapter.base_model import hub_offline
+from ifadapter.utils.profiles import ConfigError as ConfigError  # re-exported for callers
+from ifadapter.utils.profiles import load_section, parse_section
 
 SECTION = "annotate"
-
-
-M = TypeVar("M", bound=BaseModel)
-
-
-class ConfigError(ValueError):
-    """A profile that cannot be used; the message is one line naming the file and the fields."""
 
 
 def resolve_model(reference: str) -> str:
@@ -71,39 +54,6 @@ class DecodeConfig(BaseModel):
     working_side: PositiveInt = 1333  # longest side passed to the models (Grounding-DINO's)
     num_cpus: PositiveFloat = 1.0
     batch_size: PositiveInt = 32  # also the block size: one Ray task decodes a block
-
-
-class StageConfig(BaseModel):
-    """A model stage: its backend with that backend's settings, and its Ray actor pool."""
-
-    model_config = ConfigDict(extra="allow")
-    kind: ClassVar[Kind]
-
-    backend: str
-    workers: PositiveInt = 1  # actors
-    num_cpus: PositiveFloat = 1.0  # per actor
-    num_gpus: NonNegativeFloat = 0.0  # per actor
-    batch_size: PositiveInt = 8
-    _settings: BaseModel = PrivateAttr()
-
-    @model_validator(mode="after")
-    def _validate_backend_settings(self) -> StageConfig:
-        backend = resolve_backend(self.kind, self.backend)
-        self._settings = backend.Settings.model_validate(self.model_extra or {})
-        return self
-
-    @property
-    def settings(self) -> BaseModel:
-        return self._settings
-
-    def backend_class(self) -> type[Backend]:
-        return resolve_backend(self.kind, self.backend)
-
-    def provenance(self) -> dict:
-        return {"backend": self.backend, **self.backend_class().provenance(self.settings)}
-
-    def build(self, device: str) -> Backend:
-        return self.backend_class()(self.settings, device)
 
 
 class TaggerConfig(StageConfig):
@@ -147,38 +97,6 @@ class AnnotateConfig(BaseModel):
             "decode": limits,
             **{stage: config.provenance() for stage, config in self.stages().items()},
         }
-
-
-def one_line(error: ValidationError, section: str) -> str:
-    """A validation error as one line naming each faulty field under its profile section."""
-    faults = []
-    for fault in error.errors():
-        where = ".".join(str(part) for part in (section, *fault["loc"]))
-        faults.append(f"{where}: {fault['msg']}")
-    return "; ".join(faults)
-
-
-def parse_section(model: type[M], section: str, data: dict, origin: str = "config") -> M:
-    """``data`` (a profile's ``section:``) validated as ``model``; ``ConfigError`` in one line."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as error:
-        raise ConfigError(f"{origin}: {one_line(error, section)}") from None
-
-
-def load_section(model: type[M], section: str, path: str | Path) -> M:
-    """The ``section:`` of the YAML profile at ``path`` as ``model``; ``ConfigError`` (one line)
-    when the file is missing, is not YAML, lacks the section or does not validate."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not YAML: {str(error).splitlines()[0]}") from None
-    if not isinstance(data, dict) or not isinstance(data.get(section), dict):
-        raise ConfigError(f"{path} has no '{section}:' section")
-    return parse_section(model, section, data[section], str(path))
 
 
 def parse_config(data: dict, origin: str = "config") -> AnnotateConfig:

@@ -5,17 +5,15 @@ engine cuts that list into shard-sized partitions and a rerun relies on getting 
 and reads an item's bytes. Anything a source knows beyond the image (COCO's own boxes and
 captions, say) travels as extra columns it declares in ``extra_schema`` and ends up in the
 shards beside the annotations. A new source (the toy world's, ``annotate.toy.source``, for one)
-subclasses ``Source``: ``items``, ``describe`` and, where bytes come from elsewhere than a path,
-``read``.
+subclasses ``Source`` (``annotate.source_base``): ``items``, ``describe`` and, where bytes come
+from elsewhere than a path, ``read``.
 """
 
 from __future__ import annotations
 
 import json
 import posixpath
-from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -23,6 +21,10 @@ import fsspec
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+
+from annotate.source_base import Item, Source, SourceError
+from annotate.source_base import TooLarge as TooLarge  # re-exported: the engine catches it
+from annotate.toy.source import ToySource
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif"}
@@ -37,47 +39,6 @@ COCO_BOX_TYPE = pa.struct(
         ("crowd", pa.bool_()),
     ]
 )
-
-
-class SourceError(ValueError):
-    """A source that cannot be listed (missing file, unknown format, no URI column)."""
-
-
-class TooLarge(Exception):
-    """An input with more bytes than the engine accepts."""
-
-
-@dataclass(frozen=True)
-class Item:
-    uri: str
-    caption: str | None = None
-    extras: dict = field(default_factory=dict)
-
-
-class Source(ABC):
-    """Lists inputs and reads their bytes; must pickle (decode tasks call ``read`` on workers)."""
-
-    name: str
-    extra_schema: ClassVar[pa.Schema] = pa.schema([])
-
-    @abstractmethod
-    def items(self) -> Iterator[Item]:
-        """Every input, in a deterministic order."""
-
-    @abstractmethod
-    def describe(self) -> dict:
-        """What this source reads (kind, paths): the identity a rerun is checked against."""
-
-    def read(self, uri: str, max_bytes: int) -> bytes:
-        """The item's bytes through fsspec (local paths, ``file://``, ``s3://``, ``http://``...).
-
-        Raises ``TooLarge`` past ``max_bytes`` without reading further, ``OSError`` and
-        friends when the bytes cannot be had."""
-        with fsspec.open(uri, "rb") as handle:
-            data = handle.read(max_bytes + 1)
-        if len(data) > max_bytes:
-            raise TooLarge(f"more than {max_bytes} bytes")
-        return data
 
 
 class FolderSource(Source):
@@ -249,9 +210,6 @@ def open_source(input_path: str, images: str | None = None, name: str | None = N
     ``toy:seed=N,count=N`` the toy world."""
     named = {"name": name} if name else {}
     if input_path.startswith("toy:"):
-        # Imported here: the toy source subclasses ``Source``, so it imports this module.
-        from annotate.toy.source import ToySource
-
         return ToySource.parse(input_path, name)
     if input_path.endswith((".parquet", ".csv")):
         return UriListSource(input_path, **named)

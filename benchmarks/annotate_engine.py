@@ -40,6 +40,7 @@ from annotate.engine.job import annotate
 from annotate.engine.operators import annotate_records
 from annotate.engine.records import Record
 from annotate.engine.writer import ShardWriter
+from annotate.ray_session import connect
 from annotate.sources import FolderSource
 from annotate.tiny.models import CLIP_DIR, GROUNDING_DINO_DIR, write_tiny_models
 
@@ -149,8 +150,7 @@ def main() -> None:
             print(f"{name:<10}{ms:>10.2f}{ms / total:>8.1%}{load}")
         print(f"{'sum':<10}{total:>10.2f}   -> {1000 / total:.0f} images/s on one core\n")
 
-        ray.init(num_cpus=CPUS, include_dashboard=False, log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
+        connect(None, num_cpus=CPUS)
         seconds: dict[tuple[int, int], list[float]] = {
             (w, n): [] for w in (1, 2) for n in (args.small, args.large)
         }

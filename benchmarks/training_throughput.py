@@ -45,9 +45,9 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    import ray
     from diffusers import StableDiffusionXLPipeline
 
+    from annotate.ray_session import connect
     from ifadapter import tiny
     from tests.support.shards import default_rows, write_dataset
     from training.cache import build_cache
@@ -62,7 +62,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="training-throughput-"))
     StableDiffusionXLPipeline(**tiny.components(seed=0)).save_pretrained(workdir / "base")
     write_dataset(workdir / "shards", [default_rows(args.images)])
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    connect(None, num_cpus=cpus)  # a local Ray on this machine's CPUs
 
     def config(name: str, **overrides):
         return load_train_config(

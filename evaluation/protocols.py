@@ -11,7 +11,6 @@ Boxes are normalised xyxy everywhere, as in the shard contract.
 
 from __future__ import annotations
 
-import importlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -22,6 +21,7 @@ from typing import ClassVar, Literal
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
+from annotate.backends import NoSettings, resolve_class
 from annotate.vlm.judge import Verdict
 from evaluation.benchmark import Benchmark, BenchmarkLayout
 
@@ -44,10 +44,6 @@ BUILTIN: dict[str, dict[str, str]] = {
         "real-vae": "evaluation.runners:RealVAERunner",
     },
 }
-
-
-class NoSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 @dataclass(frozen=True)
@@ -200,16 +196,7 @@ INTERFACES: dict[str, type[EvaluationBackend]] = {
 def resolve(kind: Kind, name: str) -> type[EvaluationBackend]:
     """The class a config names: a short name of ``BUILTIN[kind]`` or ``"module:Class"``;
     ``ValueError`` with the choices when it names nothing usable."""
-    target = BUILTIN[kind].get(name, name)
-    module_name, _, class_name = target.partition(":")
-    if not class_name:
-        raise ValueError(
-            f"unknown {kind} {name!r}: use one of {', '.join(BUILTIN[kind])} or 'module:Class'"
-        )
-    try:
-        backend = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as error:
-        raise ValueError(f"{kind} {name!r} cannot be imported: {error}") from None
-    if not (isinstance(backend, type) and issubclass(backend, INTERFACES[kind])):
-        raise ValueError(f"{kind} {name!r} is not an evaluation {INTERFACES[kind].__name__}")
-    return backend
+    interface = INTERFACES[kind]
+    return resolve_class(
+        kind, name, BUILTIN[kind], (interface,), f"an evaluation {interface.__name__}"
+    )

@@ -52,15 +52,14 @@ def _split(value: str | None) -> list[str] | None:
 
 
 def run(args: argparse.Namespace) -> None:
-    import os
-
+    from annotate.ray_session import requested_address
     from flows.params import check_params
 
     values = {
         "config": args.config,
         "input": args.input,
         "output": args.output,
-        "ray_address": args.ray_address or os.environ.get("RAY_ADDRESS"),
+        "ray_address": requested_address(args.ray_address),
         "methods": _split(args.methods),
         "stages": _split(args.stages),
         "shards": args.shards,

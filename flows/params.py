@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from flows.ray_session import check_address
+from annotate.ray_session import check_address, is_job_address
 from ifadapter.utils.profiles import one_line, read_profile, sections
 
 STAGES = ("annotate", "cache", "train", "evaluate")
@@ -101,7 +101,7 @@ class PipelineParams(BaseModel):
                 raise ValueError(f"{self.shards_dir} is not a shard dataset (no {manifest.name})")
         # Through a job server the stages read their paths on the cluster's storage, which this
         # machine need not see: the stage reports what it cannot open.
-        if not (self.ray_address or "").startswith(("http://", "https://")):
+        if not is_job_address(self.ray_address):
             if "annotate" in chosen:
                 _check_source("input", self.input)
             if self.benchmark_input:

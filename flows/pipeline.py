@@ -32,10 +32,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from annotate.ray_session import is_job_address, ray_scope
 from flows import stages
 from flows.params import PipelineParams, check_params
-from flows.ray_jobs import is_job_address, run_stage_job
-from flows.ray_session import ray_scope
+from flows.ray_jobs import run_stage_job
 from flows.stage_records import StageRecord
 from flows.stages import FINAL_ERRORS
 

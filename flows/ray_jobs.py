@@ -30,10 +30,6 @@ FORWARDED = ("PYTHONPATH", "HF_HUB_OFFLINE", "HF_HOME", "OMP_NUM_THREADS", "VLLM
 PATH_ARGUMENTS = {"profile", "input", "output", "records", "shards", "adapter", "base"}
 
 
-def is_job_address(address: str | None) -> bool:
-    return bool(address) and address.startswith(("http://", "https://"))
-
-
 def _absolute(name: str, value: Any) -> Any:
     if name in PATH_ARGUMENTS and isinstance(value, str) and "://" not in value:
         return str(Path(value).resolve())

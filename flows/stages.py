@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flows.ray_session import connect
+from annotate.ray_session import connect
 from flows.stage_records import StageRecord
 from ifadapter.utils.files import file_sha256, json_sha256
 from ifadapter.utils.profiles import profile_section

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from annotate.ray_session import connect, requested_address
 from annotate.schema import QUARANTINE_DIR, QUARANTINE_SCHEMA
 from ifadapter.utils.files import (
     atomic_directory,
@@ -392,8 +393,7 @@ def build_cache(config: TrainConfig, progress: bool = False) -> CacheInfo:
     # Another run computing the same key may place its directory first: theirs is kept.
     with atomic_directory(target, overwrite=False) as temporary:
         temporary.mkdir()
-        if not ray.is_initialized():
-            ray.init()
+        connect(requested_address())  # unless the caller connected
         cpus = ray.cluster_resources().get("CPU", 0)
         if not config.use_gpu and config.cache_actors >= cpus:
             # Each encoder actor holds a CPU for its lifetime; with none left, the read tasks

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 
@@ -34,7 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from flows.ray_session import connect, ray_scope
+    from annotate.ray_session import connect, ray_scope, requested_address
     from ifadapter.base_model import check_base
     from training.config import load_train_config
     from training.run import train
@@ -50,7 +49,7 @@ def run_train(args: argparse.Namespace) -> None:
     )
     check_base(config.base, local_only=True)  # before Ray starts: a missing base is one line
     with ray_scope():
-        connect(os.environ.get("RAY_ADDRESS"))
+        connect(requested_address())
         result = train(config, progress=True)
     summary = {
         "adapter": str(result.adapter_dir),

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from annotate.ray_session import connect, requested_address
 from ifadapter.adapter import IFAdapter
 from ifadapter.base_model import check_base
 from training.cache import CacheInfo, build_cache
@@ -123,7 +124,6 @@ class _StepProgress:
 
 def train(config: TrainConfig | str | Path, progress: bool = False) -> TrainResult:
     """Trains (or resumes) the run that ``config`` describes; a path reads its ``train:``."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -132,8 +132,7 @@ def train(config: TrainConfig | str | Path, progress: bool = False) -> TrainResu
     check_base(config.base, local_only=True)
     check_resumable(config)
     adapter = meta_adapter(config)
-    if not ray.is_initialized():
-        ray.init()
+    connect(requested_address())  # unless the caller connected
     cache = build_cache(config, progress)
     preflight(config, cache, adapter)
     if cache.quarantined:

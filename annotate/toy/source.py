@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import pyarrow as pa
 
-from annotate.sources import Item, Source, SourceError, TooLarge
+from annotate.source_base import Item, Source, SourceError, TooLarge
 from annotate.toy.world import render, scenes
 from annotate.toy.world import scene as toy_scene
 

@@ -1,10 +1,12 @@
-"""Connecting a stage to Ray: the configured cluster, or a local Ray started on this machine.
+"""Starting or joining Ray: the one way every driver of the project connects.
 
 The stage functions (``annotate``, ``build_cache``, ``train``) are Ray drivers: they expect a
-``ray.init`` before they run. The pipeline connects once, when the first stage that has work to
-do asks for it (a rerun whose stages are all complete never starts Ray), and disconnects when
-the flow ends, so the stages of one flow run share one connection (a local Ray costs seconds to
-start) and a flow leaves no Ray behind it.
+connection before they run, and make one with ``connect`` when their caller did not. The
+command-line tools connect to ``--ray-address`` or ``RAY_ADDRESS`` (``requested_address``);
+the Prefect pipeline connects once, when the first stage that has work to do asks for it (a
+rerun whose stages are all complete never starts Ray), and disconnects when the flow ends
+(``ray_scope``), so the stages of one flow run share one connection (a local Ray costs seconds
+to start) and a flow leaves no Ray behind it.
 """
 
 from __future__ import annotations
@@ -35,21 +37,32 @@ def check_address(address: str | None) -> str | None:
     return address
 
 
-def connect(address: str | None) -> None:
+def is_job_address(address: str | None) -> bool:
+    """Whether ``address`` is a Ray job server (stages are submitted to it as Ray jobs)."""
+    return bool(address) and address.startswith(("http://", "https://"))
+
+
+def requested_address(address: str | None = None) -> str | None:
+    """``address`` when one is given, else ``RAY_ADDRESS`` from the environment (as ``ray.init``
+    reads it), else None: a local Ray."""
+    return address or os.environ.get("RAY_ADDRESS")
+
+
+def connect(address: str | None, num_cpus: int | None = None) -> None:
     """Joins ``address``, or starts a local Ray; does nothing when this process is connected.
 
-    A local Ray takes the machine's CPUs unless ``IFADAPTER_RAY_CPUS`` says how many (tests and
-    shared machines)."""
+    A local Ray takes ``num_cpus``, else ``IFADAPTER_RAY_CPUS`` (tests and shared machines),
+    else the machine's CPUs."""
     import ray
 
     if ray.is_initialized():
         return
     address = check_address(address)
-    if address is not None and address.startswith(("http://", "https://")):
+    if is_job_address(address):
         raise ValueError(f"{address} is a job server: submit the stage as a Ray job instead")
     quiet_driver()
     if address is None:
-        cpus = os.environ.get("IFADAPTER_RAY_CPUS")
+        cpus = num_cpus or os.environ.get("IFADAPTER_RAY_CPUS")
         logger.info("starting a local Ray (%s CPUs)", cpus or "all")
         ray.init(
             address="local",  # None would join any cluster this machine last started
