@@ -7,13 +7,12 @@ in the image as decoded: EXIF orientation applied). Categories are the labels fo
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from annotate.schema import Manifest
+from ifadapter.utils.files import write_json_atomic
 
 COLUMNS = ["image_id", "uri", "width", "height", "caption", "instances"]
 
@@ -65,8 +64,5 @@ def export_coco(directory: str | Path, path: str | Path) -> dict[str, int]:
             {"id": i, "name": label, "supercategory": ""} for label, i in category.items()
         ],
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(coco))
-    os.replace(temporary, path)
+    write_json_atomic(path, coco)
     return {"images": len(images), "annotations": len(annotations), "categories": len(category)}

@@ -10,13 +10,14 @@ own boxes, for instance); readers rely on the required ones below only.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
+
+from ifadapter.utils.files import file_sha256, write_json_atomic
 
 MANIFEST_NAME = "_manifest.json"
 QUARANTINE_DIR = "_quarantine"
@@ -79,14 +80,6 @@ def check_schema(
         raise SchemaError(f"{what} does not follow the shard schema: " + "; ".join(faults))
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass
 class ShardEntry:
     path: str  # relative to the dataset directory
@@ -115,10 +108,7 @@ class Manifest:
     def write(self, directory: str | os.PathLike) -> Path:
         """Atomic: a temporary file renamed over the manifest."""
         target = Path(directory) / MANIFEST_NAME
-        temporary = target.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
-        os.replace(temporary, target)
-        return target
+        return write_json_atomic(target, asdict(self), indent=2, sort_keys=True)
 
     @classmethod
     def read(cls, directory: str | os.PathLike) -> Manifest:

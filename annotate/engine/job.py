@@ -112,7 +112,7 @@ def quarantine_reasons(directory: Path, manifest: Manifest) -> dict[str, int]:
     return dict(counts)
 
 
-def run_pipeline(
+def annotate_partitions(
     config: AnnotateConfig,
     source: Source,
     parts: Sequence[Sequence[Item]],
@@ -120,6 +120,8 @@ def run_pipeline(
     writer: ShardWriter,
     progress: Callable[[int], None] | None,
 ) -> None:
+    """The Ray Data job over the ``pending`` partitions (decode, then each model stage's
+    actors); ``writer`` writes each partition as soon as all its records are back."""
     import ray
 
     check_resources(config, ray.cluster_resources())
@@ -176,7 +178,8 @@ def annotate(
 ) -> RunSummary:
     """Annotates every input of ``source`` into the dataset directory ``output``, resuming a
     run found there. ``on_plan(inputs, already_done)`` is called once the work is known, then
-    ``progress(n)`` as records come back. Needs a running Ray (``ray.init``)."""
+    ``progress(n)`` as records come back. Needs a connection to Ray
+    (``annotate.ray_session.connect``)."""
     started = time.perf_counter()
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -194,7 +197,7 @@ def annotate(
         on_plan(len(items), len(items) - todo)
     if pending:
         (output / MANIFEST_NAME).unlink(missing_ok=True)  # stale until every shard is back
-        run_pipeline(config, source, parts, pending, writer, progress)
+        annotate_partitions(config, source, parts, pending, writer, progress)
     manifest = writer.finish(len(parts), len(items), annotator)
     return RunSummary(
         output=output,

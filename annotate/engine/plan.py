@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from annotate.sources import Item
+from ifadapter.utils.files import write_json_atomic
 
 PLAN_NAME = "_plan.json"
 
@@ -56,10 +56,7 @@ class Plan:
         )
 
     def write(self, directory: Path) -> None:
-        target = directory / PLAN_NAME
-        temporary = target.with_suffix(".json.tmp")
-        temporary.write_text(json.dumps(asdict(self), indent=2, sort_keys=True))
-        os.replace(temporary, target)
+        write_json_atomic(directory / PLAN_NAME, asdict(self), indent=2, sort_keys=True)
 
     @classmethod
     def read(cls, directory: Path) -> Plan | None:

@@ -14,7 +14,6 @@ as duplicates, so that ``image_id`` (source + sha256 prefix) names one row of th
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -28,9 +27,9 @@ from annotate.schema import (
     SHARD_SCHEMA,
     Manifest,
     ShardEntry,
-    file_sha256,
     migrate_quarantine,
 )
+from ifadapter.utils.files import atomic_open, file_sha256, remove_temporaries
 
 SHARD_NAME = "shard-{:05d}.parquet"
 QUARANTINE_NAME = "part-{:05d}.parquet"
@@ -49,12 +48,8 @@ def shard_schema(extra_schema: pa.Schema) -> pa.Schema:
 def write_atomic(table: pa.Table, path: Path) -> None:
     """Parquet to a temporary name, synced, then renamed over ``path``. The temporary name is
     hidden (a leading dot), so a reader of the dataset never picks up a half-written file."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "wb") as handle:
+    with atomic_open(path, sync=True) as handle:
         pq.write_table(table, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
 
 
 class ShardWriter:
@@ -64,8 +59,7 @@ class ShardWriter:
         self.quarantine_dir = directory / QUARANTINE_DIR
         self.quarantine_dir.mkdir(parents=True, exist_ok=True)
         for folder in (directory, self.quarantine_dir):
-            for leftover in [*folder.glob("*.tmp"), *folder.glob(".*.tmp")]:
-                leftover.unlink()
+            remove_temporaries(folder)
         self.schema = shard_schema(extra_schema)
         self.annotator = annotator
         self.annotator_json = json.dumps(annotator, sort_keys=True)

@@ -35,6 +35,7 @@ from tqdm import tqdm
 from annotate.toy.verifiers import detect, iou, verify
 from annotate.toy.world import render, scenes
 from ifadapter import tiny
+from ifadapter.utils.files import atomic_open
 
 WORLD_SEED = 1000  # scenes of the base's training pool; evaluation worlds use other seeds
 
@@ -262,8 +263,8 @@ def train_unet(
                 "step": step + 1,
                 "log": log,
             }
-            torch.save(state, state_path.with_suffix(".tmp"))
-            state_path.with_suffix(".tmp").replace(state_path)
+            with atomic_open(state_path) as handle:
+                torch.save(state, handle)
     return ema[0], ema[1], ema[2]
 
 

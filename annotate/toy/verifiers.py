@@ -28,7 +28,10 @@ HUES = {name: colorsys.rgb_to_hsv(*(c / 255 for c in rgb))[0] for name, rgb in C
 
 
 @dataclass(frozen=True)
-class Verdict:
+class AttributeCheck:
+    """What the pixels in an instance's box show against its description: whether the colour,
+    shape and texture hold, and the shape and texture seen there."""
+
     colour: bool
     shape: bool
     texture: bool
@@ -41,7 +44,10 @@ class Verdict:
 
 
 @dataclass(frozen=True)
-class Detection:
+class ColourRegion:
+    """A connected region of one colour: its normalised xyxy box, the colour, and how much of
+    the box the region fills (the score a detector would give)."""
+
     box: tuple[float, float, float, float]
     colour: str
     score: float
@@ -101,7 +107,7 @@ def classify_shape(mask: np.ndarray) -> str:
     return max(ious, key=ious.get, default=SHAPES[0])
 
 
-def verify(image: Image.Image | np.ndarray, instance: ToyInstance) -> Verdict:
+def verify(image: Image.Image | np.ndarray, instance: ToyInstance) -> AttributeCheck:
     """Does the box of ``instance`` show its colour, shape and texture?"""
     hsv = _hsv(image)
     x0, y0, x1, y1 = box_pixels(instance.box, hsv.shape[1], hsv.shape[0])
@@ -113,12 +119,12 @@ def verify(image: Image.Image | np.ndarray, instance: ToyInstance) -> Verdict:
         coloured.any() and mine.sum() >= 0.4 * coloured.sum() and mine.mean() > 0.05
     )
     if not mine.any():
-        return Verdict(colour_ok, False, False, None, None)
+        return AttributeCheck(colour_ok, False, False, None, None)
     predicted_shape = classify_shape(mine)
     strong = (hsv[y0:y1, x0:x1, 1] > STRONG) & mine
     share = strong.sum() / mine.sum()
     predicted_texture = min(TEXTURES, key=lambda t: abs(TEXTURE_SHARE[t] - share))
-    return Verdict(
+    return AttributeCheck(
         colour_ok,
         predicted_shape == instance.shape,
         predicted_texture == instance.texture,
@@ -127,7 +133,7 @@ def verify(image: Image.Image | np.ndarray, instance: ToyInstance) -> Verdict:
     )
 
 
-def detect(image: Image.Image | np.ndarray, min_pixels: int = 12) -> list[Detection]:
+def detect(image: Image.Image | np.ndarray, min_pixels: int = 12) -> list[ColourRegion]:
     """Connected regions of one colour, as boxes; score = how much of its box the region fills."""
     labels = colour_labels(image)
     size_y, size_x = labels.shape
@@ -143,7 +149,7 @@ def detect(image: Image.Image | np.ndarray, min_pixels: int = 12) -> list[Detect
                 continue
             area = (rows.stop - rows.start) * (cols.stop - cols.start)
             box = (cols.start / size_x, rows.start / size_y, cols.stop / size_x, rows.stop / size_y)
-            detections.append(Detection(box, colour, float(pixels / area)))
+            detections.append(ColourRegion(box, colour, float(pixels / area)))
     return detections
 
 
@@ -155,7 +161,7 @@ def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def best_iou(detections: list[Detection], instance: ToyInstance) -> float:
+def best_iou(detections: list[ColourRegion], instance: ToyInstance) -> float:
     """IoU of the best detection of the instance's colour with its box (the IFS match rule)."""
     return max(
         (iou(d.box, instance.box) for d in detections if d.colour == instance.colour), default=0.0

@@ -55,19 +55,19 @@ class ToyJudge(InstanceJudge):
             except ValueError as error:
                 verdicts.append(Verdict(None, f"unparsable: {error}"))
                 continue
-            verdict = verify(crop, ToyInstance(shape, colour, texture, (0.0, 0.0, 1.0, 1.0)))
+            check = verify(crop, ToyInstance(shape, colour, texture, (0.0, 0.0, 1.0, 1.0)))
             reason = None
-            if not verdict.success:
+            if not check.success:
                 wrong = [
                     f"{what} {seen}"
                     for what, ok, seen in (
-                        ("colour", verdict.colour, "differs"),
-                        ("shape", verdict.shape, verdict.predicted_shape),
-                        ("texture", verdict.texture, verdict.predicted_texture),
+                        ("colour", check.colour, "differs"),
+                        ("shape", check.shape, check.predicted_shape),
+                        ("texture", check.texture, check.predicted_texture),
                     )
                     if not ok
                 ]
                 reason = "saw " + ", ".join(wrong)
-            seen = {"colour": verdict.colour, "shape": verdict.shape, "texture": verdict.texture}
-            verdicts.append(Verdict(verdict.success, reason, seen))
+            seen = {"colour": check.colour, "shape": check.shape, "texture": check.texture}
+            verdicts.append(Verdict(check.success, reason, seen))
         return verdicts

@@ -35,6 +35,13 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def remove_temporaries(folder: str | os.PathLike) -> None:
+    """Removes the temporaries killed writers left in ``folder`` (``*.tmp``, hidden or not:
+    ``Path.glob`` matches dot-files too)."""
+    for leftover in Path(folder).glob(f"*{TEMPORARY_SUFFIX}"):
+        _remove(leftover)
+
+
 @contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """A temporary path for the block to write ``target``'s content to (for writers that take
