@@ -30,12 +30,20 @@ def read_profile(path: str | Path) -> dict[str, Any]:
     try:
         document = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        raise ConfigError(f"config {path} is not YAML: {str(error).splitlines()[0]}") from None
+        raise ConfigError(f"config {path} is not YAML: {_yaml_fault(error)}") from None
     if document is None:
         return {}
     if not isinstance(document, dict):
         raise ConfigError(f"config {path} is not a YAML mapping of sections")
     return document
+
+
+def _yaml_fault(error: yaml.YAMLError) -> str:
+    """The parser's complaint and where (one line), e.g. "expected ',' or ']' (line 2, column
+    1)"."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
 
 
 def sections(profile: dict[str, Any]) -> set[str]:
