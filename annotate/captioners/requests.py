@@ -20,9 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from annotate.captioners.prompts import Language, PromptSet
 from annotate.engine.records import Captions, Fault, Record
+from annotate.vlm.bounded_schema import token_budget
 from annotate.vlm.client import ChatReply, ChatRequest, encode_image
 from annotate.vlm.crops import crop_box
-from annotate.vlm.json_grammar import token_budget
 from annotate.vlm.replies import Unusable, check_caption, expect_keys, reply_json
 
 STAGE = "caption"

@@ -49,7 +49,7 @@ class TransformersVLMSettings(CaptionSettings):
 
 class TransformersVLMCaptioner(VLMCaptioner):
     Settings: ClassVar[type[BaseModel]] = TransformersVLMSettings
-    packages: ClassVar[tuple[str, ...]] = ("torch", "transformers")
+    packages: ClassVar[tuple[str, ...]] = ("torch", "transformers", "xgrammar")
 
     def connect(self) -> VLMClient:
         from annotate.vlm.in_process import TransformersChatClient
@@ -76,7 +76,7 @@ class HTTPVLMSettings(CaptionSettings):
 
 class HTTPVLMCaptioner(VLMCaptioner):
     Settings: ClassVar[type[BaseModel]] = HTTPVLMSettings
-    packages: ClassVar[tuple[str, ...]] = ("aiohttp",)
+    packages: ClassVar[tuple[str, ...]] = ("openai", "aiohttp")
 
     def connect(self) -> VLMClient:
         from annotate.vlm.http import HTTPChatClient

@@ -4,7 +4,7 @@ from configs with random weights and saved the way hub checkpoints are.
 No model hub is reachable here, so the captioning backends are exercised on these: the model
 classes, processors, chat templates and ``from_pretrained`` paths are the real ones; only the
 sizes are small and the weights random (the text they write is noise, which the constrained
-decoder of ``annotate.vlm.json_grammar`` still shapes into valid JSON). The tokenizer is a real
+decoding of ``annotate.vlm.in_process`` still shapes into valid JSON). The tokenizer is a real
 byte-level BPE of Qwen2's kind (Qwen2's pre-tokenizer, ``Qwen2Tokenizer``), trained in a blink on
 the RAM tag list so that its merges are English words, with the special tokens each model's
 processor and chat template need:

@@ -1,66 +1,71 @@
 """A ``VLMClient`` for vLLM's OpenAI-compatible server (``vllm serve Qwen/Qwen2.5-VL-7B-Instruct``).
 
-POST ``{url}/chat/completions`` with the images as ``image_url`` data URIs and, when a request
-has a schema, ``"structured_outputs": {"json": schema}`` (what current vLLM reads; the old
-``guided_json`` is silently ignored by it). Decoding is greedy (temperature 0), so a rerun asks
+Requests go through the ``openai`` client (what vLLM documents for its server), on its aiohttp
+transport: chat completions with the images as ``image_url`` data URIs and, when a request has a
+schema, ``extra_body={"structured_outputs": {"json": schema}}`` (what current vLLM reads; its old
+``guided_json`` was removed in vLLM 0.12). Decoding is greedy (temperature 0), so a rerun asks
 the same question the same way.
 
-At most ``concurrency`` requests are in flight; each attempt has ``timeout_s``; timeouts, lost
-connections and the statuses a busy server gives (408, 429, 500, 502, 503, 504) are retried up
-to ``retries`` times after a jittered exponential back-off (``backoff_s``, doubling; a server's
-``Retry-After`` is honoured). Other statuses are final. Whatever happens, each request gets a
-``ChatReply``; a failed one says why in ``error`` ("timeout: ...", "http: 503 ...").
+The client's own options carry the policy: at most ``concurrency`` connections (so requests) in
+flight, the others waiting for one; ``timeout_s`` to connect and for each wait on the reply;
+``retries`` after timeouts, lost connections and the statuses a busy server gives (408, 409, 429
+and 5xx), after the client's jittered exponential back-off, whose first wait here is
+``backoff_s`` (a server's ``Retry-After`` of up to two minutes is waited instead; a longer one
+ends the retries). Other statuses are final. Whatever happens, each request gets a
+``ChatReply``; a failed one says why in ``error`` ("timeout: ...", "connection: ...",
+"http: 503 ...", with the attempts made).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import random
 from collections.abc import Sequence
 
-import aiohttp
+import httpx2
+from openai import (
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    AsyncOpenAI,
+    DefaultAioHttpClient,
+)
+from openai._constants import INITIAL_RETRY_DELAY
 
 from annotate.vlm.client import ChatReply, ChatRequest
 from annotate.vlm.replies import excerpt
 
-RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
-MAX_RETRY_AFTER_S = 60.0
+NO_KEY = "EMPTY"  # what vLLM's examples send to a server started without --api-key
 
 
-def completion_reply(raw: bytes) -> ChatReply:
-    """A chat-completion body as a reply; ``bad_response`` when it is not one, ``refusal`` when
-    the server says the model refused (OpenAI's ``message.refusal``)."""
-    try:
-        body = json.loads(raw)
-        choice = body["choices"][0]
-        message = choice["message"]
-        content = message.get("content")
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-        text = raw.decode("utf-8", "replace")
-        return ChatReply.failed(f"bad_response: not a chat completion: {excerpt(text)}")
-    if message.get("refusal"):
-        return ChatReply.failed(f"refusal: {excerpt(str(message['refusal']))}")
-    if not isinstance(content, str):
-        return ChatReply.failed("bad_response: the message has no text content")
-    usage = body.get("usage") or {}
-    return ChatReply(
-        text=content,
-        finish_reason=choice.get("finish_reason"),
-        prompt_tokens=int(usage.get("prompt_tokens") or 0),
-        completion_tokens=int(usage.get("completion_tokens") or 0),
-    )
+class _RetryingClient(AsyncOpenAI):
+    """The SDK's retries with ``backoff_s`` as the first wait (the SDK's is a fixed 0.5 s)."""
+
+    def __init__(self, *, backoff_s: float = INITIAL_RETRY_DELAY, **options):
+        super().__init__(**options)
+        self.backoff_s = backoff_s
+
+    def _calculate_retry_timeout(self, remaining_retries, options, response_headers=None):
+        wait = super()._calculate_retry_timeout(remaining_retries, options, response_headers)
+        asked = response_headers is not None and any(
+            name in response_headers for name in ("retry-after", "retry-after-ms")
+        )
+        return wait if asked else wait * self.backoff_s / INITIAL_RETRY_DELAY
 
 
-def error_detail(status: int, raw: bytes) -> str:
-    """``http: STATUS message`` from an OpenAI-style error body (or the start of the body)."""
-    try:
-        body = json.loads(raw)
-        message = body["error"]["message"] if "error" in body else body["message"]
-    except (ValueError, KeyError, TypeError):
-        message = raw.decode("utf-8", "replace")
-    return f"http: {status} {excerpt(str(message))}"
+def attempts(request: httpx2.Request | None) -> int:
+    """Attempts made, from the retry count the client puts on each request it sends."""
+    if request is None:
+        return 1
+    return int(request.headers.get("x-stainless-retry-count", 0)) + 1
+
+
+def transport_error(error: Exception) -> BaseException:
+    """The transport's own exception under the client's (aiohttp's, under httpx2's)."""
+    cause = error.__cause__
+    if cause is None:
+        return error
+    return cause.__cause__ or cause
 
 
 class HTTPChatClient:
@@ -75,11 +80,10 @@ class HTTPChatClient:
         retries: int = 3,
         backoff_s: float = 1.0,
     ):
-        self.endpoint = url.rstrip("/") + "/chat/completions"
+        self.url = url.rstrip("/")
         self.model = model
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.api_key = api_key
         self.concurrency = concurrency
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.timeout_s = timeout_s
         self.retries = retries
         self.backoff_s = backoff_s
@@ -104,62 +108,84 @@ class HTTPChatClient:
             backoff_s=settings.backoff_s,
         )
 
-    def payload(self, request: ChatRequest) -> dict:
-        body = {
+    def options(self, request: ChatRequest) -> dict:
+        """The arguments of ``chat.completions.create`` for one request."""
+        options = {
             "model": self.model,
             "messages": request.messages(),
             "max_tokens": request.max_tokens,
             "temperature": 0.0,
         }
         if request.schema is not None:
-            body["structured_outputs"] = {"json": request.schema}
-        return body
+            options["extra_body"] = {"structured_outputs": {"json": request.schema}}
+        return options
+
+    def client(self) -> AsyncOpenAI:
+        """An SDK client for one event loop: ``concurrency`` connections, no limit on the wait
+        for one (requests queue for the pool, as they did for a semaphore)."""
+        return _RetryingClient(
+            base_url=self.url,
+            api_key=self.api_key or NO_KEY,
+            max_retries=self.retries,
+            timeout=httpx2.Timeout(self.timeout_s, pool=None),
+            http_client=DefaultAioHttpClient(
+                limits=httpx2.Limits(max_connections=self.concurrency)
+            ),
+            backoff_s=self.backoff_s,
+        )
 
     def chat(self, requests: Sequence[ChatRequest]) -> list[ChatReply]:
         """Blocking: runs the requests on an event loop of its own (Ray actors are threads)."""
         return asyncio.run(self.chat_async(requests))
 
     async def chat_async(self, requests: Sequence[ChatRequest]) -> list[ChatReply]:
-        gate = asyncio.Semaphore(self.concurrency)
-        connector = aiohttp.TCPConnector(limit=self.concurrency)
-        async with aiohttp.ClientSession(connector=connector, timeout=self.timeout) as session:
-            return list(await asyncio.gather(*(self.ask(session, gate, r) for r in requests)))
+        async with self.client() as client:
+            return list(await asyncio.gather(*(self.ask(client, r) for r in requests)))
 
-    def backoff(self, attempt: int, retry_after: str | None) -> float:
-        """Jittered exponential back-off before retry ``attempt`` (1, 2, ...)."""
-        delay = self.backoff_s * 2 ** (attempt - 1)
-        delay = delay / 2 + random.uniform(0, delay / 2)
+    async def ask(self, client: AsyncOpenAI, request: ChatRequest) -> ChatReply:
         try:
-            asked = float(retry_after) if retry_after is not None else 0.0
-        except ValueError:
-            asked = 0.0
-        return max(delay, min(asked, MAX_RETRY_AFTER_S))
+            raw = await client.chat.completions.with_raw_response.create(**self.options(request))
+        except APIStatusError as error:
+            return ChatReply.failed(
+                f"{status_detail(error)} (attempts: {attempts(error.response.request)})"
+            )
+        except (APITimeoutError, APIConnectionError) as error:
+            origin = transport_error(error)
+            if isinstance(origin, TimeoutError):
+                failure = f"timeout: no reply within {self.timeout_s:g}s"
+            else:
+                failure = f"connection: {type(origin).__name__}: {origin}"
+            return ChatReply.failed(f"{failure} (attempts: {attempts(error.request)})")
+        return completion_reply(raw)
 
-    async def ask(
-        self, session: aiohttp.ClientSession, gate: asyncio.Semaphore, request: ChatRequest
-    ) -> ChatReply:
-        body = self.payload(request)
-        failure, retry_after = "", None
-        attempts = self.retries + 1
-        for attempt in range(attempts):
-            if attempt:
-                await asyncio.sleep(self.backoff(attempt, retry_after))
-            retry_after = None
-            async with gate:
-                try:
-                    async with session.post(self.endpoint, json=body, headers=self.headers) as got:
-                        status, raw = got.status, await got.read()
-                        retry_after = got.headers.get("Retry-After")
-                except TimeoutError:
-                    failure = f"timeout: no reply within {self.timeout_s:g}s"
-                    continue
-                except aiohttp.ClientError as error:
-                    failure = f"connection: {type(error).__name__}: {error}"
-                    continue
-            if status == 200:
-                return completion_reply(raw)
-            failure = error_detail(status, raw)
-            if status not in RETRY_STATUSES:
-                attempts = attempt + 1
-                break
-        return ChatReply.failed(f"{failure} (attempts: {attempts})")
+
+def status_detail(error: APIStatusError) -> str:
+    """``http: STATUS message`` from an OpenAI-style error body (or the start of the body)."""
+    body = error.body
+    message = body.get("message") if isinstance(body, dict) else None
+    if message is None:
+        message = error.response.text
+    return f"http: {error.status_code} {excerpt(str(message))}"
+
+
+def completion_reply(raw) -> ChatReply:
+    """A chat completion as a reply; ``bad_response`` when the body is not one, ``refusal`` when
+    the server says the model refused (OpenAI's ``message.refusal``)."""
+    try:
+        completion = raw.parse()
+        choice = completion.choices[0]
+        message = choice.message
+        content, refusal = message.content, message.refusal
+    except Exception:  # the body is not a chat completion, however it fails to be one
+        return ChatReply.failed(f"bad_response: not a chat completion: {excerpt(raw.text)}")
+    if refusal:
+        return ChatReply.failed(f"refusal: {excerpt(str(refusal))}")
+    if not isinstance(content, str):
+        return ChatReply.failed("bad_response: the message has no text content")
+    usage = completion.usage
+    return ChatReply(
+        text=content,
+        finish_reason=choice.finish_reason,
+        prompt_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+        completion_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+    )

@@ -1,20 +1,22 @@
 """A ``VLMClient`` that runs Qwen2-VL, Qwen2.5-VL or InternVL in this process with transformers.
 
 For CPU machines, tests, and the small server of ``annotate.vlm.server``. Requests are generated
-in batches (left padding, greedy decoding); a request with a JSON schema is decoded under it
-(``annotate.vlm.json_grammar``), which is what vLLM's structured outputs do on a GPU server, so both
-backends hand the same kind of text to the same parsers. A batch that fails is retried one
-request at a time, and a request that still fails comes back with the error as its reason.
+in batches (left padding, greedy decoding); a request with a JSON schema is decoded under it with
+xgrammar, the engine of vLLM's structured outputs on a GPU server, so both backends hand the same
+kind of text (compact JSON) to the same parsers. A batch that fails is retried one request at a
+time, and a request that still fails comes back with the error as its reason.
 """
 
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
+import xgrammar as xgr
 from PIL import Image
-from tokenizers import decoders
 from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
@@ -22,75 +24,116 @@ from transformers import (
     LogitsProcessor,
     LogitsProcessorList,
 )
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from annotate.vlm.client import ChatReply, ChatRequest
-from annotate.vlm.json_grammar import Grammar, State
-from annotate.vlm.token_mask import TokenMask
 
 SUPPORTED = ("qwen2_vl", "qwen2_5_vl", "internvl")
+# What xgrammar 0.2.8 lets into JSON strings that is not JSON, or not UTF-8: raw control
+# characters in strings with minLength/maxLength (mlc-ai/xgrammar#800), and UTF-16 surrogates
+# (U+D800 to U+DFFF: the bytes ED A0..BF ..). DEL is kept out of captions as well.
+NOT_IN_REPLIES = re.compile(rb"[\x00-\x1f\x7f]|\xed[\xa0-\xbf]")
+SURROGATE_LEAD, SURROGATE_SECOND = b"\xed", re.compile(rb"[\xa0-\xbf]")
 
 
-def token_bytes(tokenizer, size: int) -> list[bytes | None]:
-    """The bytes each token id stands for (``None`` for special and added tokens and for ids
-    past the tokenizer, which the model's padded vocabulary may have)."""
-    if not isinstance(tokenizer.backend_tokenizer.decoder, decoders.ByteLevel):
-        raise ValueError("constrained decoding needs a byte-level BPE tokenizer (Qwen2's kind)")
-    to_byte = {symbol: byte for byte, symbol in bytes_to_unicode().items()}
-    added = set(tokenizer.added_tokens_decoder)
-    table: list[bytes | None] = [None] * size
-    for index, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
-        if index < size and index not in added and token is not None:
-            try:
-                table[index] = bytes(to_byte[symbol] for symbol in token)
-            except KeyError:
-                continue
-    return table
+@dataclass(frozen=True)
+class Exclusions:
+    """Tokens that no reply under a schema may take although xgrammar would allow them, over
+    the model's vocabulary: ``always`` (raw control characters, a surrogate inside the token,
+    added tokens such as ``<|image_pad|>``, which xgrammar reads as text, other than the ends
+    of sequence), and ``after_lead``, the tokens that would complete a surrogate after a token
+    that ``ends_in_lead``."""
+
+    always: torch.Tensor
+    after_lead: torch.Tensor
+    ends_in_lead: frozenset[int]
+
+    @classmethod
+    def of(cls, info: xgr.TokenizerInfo, tokenizer, eos_ids: Sequence[int]) -> Exclusions:
+        vocabulary = info.decoded_vocab[: info.vocab_size]
+
+        def over_vocabulary(test) -> torch.Tensor:
+            mask = torch.zeros(info.vocab_size, dtype=torch.bool)
+            mask[: len(vocabulary)] = torch.tensor([test(data) for data in vocabulary])
+            return mask
+
+        always = over_vocabulary(lambda data: NOT_IN_REPLIES.search(data) is not None)
+        always[[i for i in tokenizer.added_tokens_decoder if i < info.vocab_size]] = True
+        always[list(eos_ids)] = False
+        return cls(
+            always=always,
+            after_lead=over_vocabulary(lambda data: SURROGATE_SECOND.match(data) is not None),
+            ends_in_lead=frozenset(
+                i for i, data in enumerate(vocabulary) if data.endswith(SURROGATE_LEAD)
+            ),
+        )
+
+
+def compact_json(compiler: xgr.GrammarCompiler, schema: dict) -> xgr.CompiledGrammar:
+    """The schema's grammar for compact JSON (the form ``annotate.vlm.bounded_schema`` budgets
+    for); the compiler keeps what it compiled, by schema."""
+    return compiler.compile_json_schema(schema, any_whitespace=False, separators=(",", ":"))
 
 
 class SchemaLogitsProcessor(LogitsProcessor):
-    """Per row of a batch: the tokens its schema allows (rows without one are free), and the
-    end of the sequence once the row's own token budget is spent."""
+    """Per row of a batch: the tokens its compiled schema allows (rows without one are free)
+    less the ``exclusions``, and the end of the sequence once the row's own token budget is
+    spent."""
 
     def __init__(
         self,
-        mask: TokenMask,
-        grammars: list[Grammar | None],
+        grammars: list[xgr.CompiledGrammar | None],
         budgets: list[int],
         prompt_length: int,
+        eos_ids: list[int],
+        exclusions: Exclusions,
     ):
-        self.mask = mask
-        self.grammars = grammars
+        self.matchers = [
+            None if grammar is None else xgr.GrammarMatcher(grammar, override_stop_tokens=eos_ids)
+            for grammar in grammars
+        ]
         self.budgets = budgets
         self.prompt_length = prompt_length
-        self.states: list[State | None] = [g.start if g else None for g in grammars]
+        self.eos_ids = eos_ids
+        self.eos = set(eos_ids)
+        self.exclusions = exclusions
+        self.bitmask = xgr.allocate_token_bitmask(len(grammars), exclusions.always.numel())
         self.finished = [False] * len(grammars)
-        self.eos = set(mask.eos_ids)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         step = input_ids.shape[1] - self.prompt_length
-        forbidden = torch.full_like(scores[0], float("-inf"))
-        for row, grammar in enumerate(self.grammars):
+        constrained, after_lead, spent = [], [], []
+        for row, matcher in enumerate(self.matchers):
             if self.finished[row]:
                 continue
-            if step > 0:
-                token = int(input_ids[row, -1])
-                if token in self.eos:
-                    self.finished[row] = True
-                    continue
-                if grammar is not None:
-                    self.states[row] = grammar.feed(self.states[row], self.mask.token_bytes[token])
-            if step >= self.budgets[row]:
-                allowed = torch.zeros_like(scores[row], dtype=torch.bool)
-                allowed[self.mask.eos_ids[0]] = True
-            elif grammar is not None:
-                allowed = self.mask.allowed(grammar, self.states[row])
-                if not allowed.any():  # a dead end cannot happen with a byte-level vocabulary
-                    allowed[self.mask.eos_ids[0]] = True
-            else:
+            token = int(input_ids[row, -1])
+            if step > 0 and token in self.eos:
+                self.finished[row] = True
                 continue
-            scores[row] = torch.where(allowed, scores[row], forbidden)
+            if step >= self.budgets[row]:
+                spent.append(row)
+            elif matcher is not None:
+                if step > 0:
+                    matcher.accept_token(token)
+                    if token in self.exclusions.ends_in_lead:
+                        after_lead.append(row)
+                matcher.fill_next_token_bitmask(self.bitmask, row)
+                constrained.append(row)
+        if constrained:
+            bitmask = self.bitmask.to(scores.device)
+            xgr.apply_token_bitmask_inplace(scores, bitmask, indices=constrained)
+            scores[constrained] = self.exclude(scores[constrained], self.exclusions.always)
+            if after_lead:
+                scores[after_lead] = self.exclude(scores[after_lead], self.exclusions.after_lead)
+        if spent:
+            only_eos = torch.full_like(scores[0], float("-inf"))
+            only_eos[self.eos_ids[0]] = 0.0
+            scores[spent] = only_eos
         return scores
+
+    def exclude(self, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        rows = rows.masked_fill(tokens.to(rows.device), float("-inf"))
+        rows[torch.isneginf(rows).all(dim=1), self.eos_ids[0]] = 0.0  # never a dead end
+        return rows
 
 
 class TransformersChatClient:
@@ -116,13 +159,12 @@ class TransformersChatClient:
         size = self.network.get_output_embeddings().weight.shape[0]
         eos = self.network.generation_config.eos_token_id
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        eos_ids.append(self.tokenizer.eos_token_id)
-        self.mask = TokenMask(token_bytes(self.tokenizer, size), eos_ids)
-        self.grammars: dict[str, Grammar] = {}
-
-    def grammar(self, schema: dict) -> Grammar:
-        compiled = Grammar.from_schema(schema)
-        return self.grammars.setdefault(compiled.key, compiled)
+        self.eos_ids = list(dict.fromkeys([*eos_ids, self.tokenizer.eos_token_id]))
+        info = xgr.TokenizerInfo.from_huggingface(
+            self.tokenizer, vocab_size=size, stop_token_ids=self.eos_ids
+        )
+        self.compiler = xgr.GrammarCompiler(info)
+        self.exclusions = Exclusions.of(info, self.tokenizer, self.eos_ids)
 
     def chat(self, requests: Sequence[ChatRequest]) -> list[ChatReply]:
         replies: list[ChatReply] = []
@@ -147,6 +189,13 @@ class TransformersChatClient:
         system = [{"role": "system", "content": [{"type": "text", "text": request.system}]}]
         return [*(system if request.system else []), {"role": "user", "content": content}]
 
+    def constraint(self, requests: Sequence[ChatRequest], prompt_length: int) -> LogitsProcessor:
+        grammars = [compact_json(self.compiler, r.schema) if r.schema else None for r in requests]
+        budgets = [r.max_tokens for r in requests]
+        return SchemaLogitsProcessor(
+            grammars, budgets, prompt_length, self.eos_ids, self.exclusions
+        )
+
     @torch.inference_mode()
     def generate(self, requests: Sequence[ChatRequest]) -> list[ChatReply]:
         inputs = self.processor.apply_chat_template(
@@ -158,20 +207,18 @@ class TransformersChatClient:
             processor_kwargs={"padding": True},
         ).to(self.device)
         prompt_length = inputs["input_ids"].shape[1]
-        grammars = [self.grammar(r.schema) if r.schema else None for r in requests]
         budgets = [r.max_tokens for r in requests]
-        constraint = SchemaLogitsProcessor(self.mask, grammars, budgets, prompt_length)
         output = self.network.generate(
             **inputs,
             max_new_tokens=max(budgets) + 1,
             do_sample=False,
-            logits_processor=LogitsProcessorList([constraint]),
+            logits_processor=LogitsProcessorList([self.constraint(requests, prompt_length)]),
             pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.mask.eos_ids,
+            eos_token_id=self.eos_ids,
         )
         replies = []
         for row, generated in enumerate(output[:, prompt_length:].tolist()):
-            ends = [i for i, token in enumerate(generated) if token in constraint.eos]
+            ends = [i for i, token in enumerate(generated) if token in self.eos_ids]
             length = ends[0] if ends else len(generated)
             cut = not ends or length >= budgets[row]
             replies.append(

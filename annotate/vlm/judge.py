@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from annotate.vlm.bounded_schema import token_budget
 from annotate.vlm.client import ChatReply, ChatRequest, VLMClient, encode_image
-from annotate.vlm.json_grammar import token_budget
 from annotate.vlm.replies import Unusable, expect_keys, reply_json
 
 ANSWER_SCHEMA = {

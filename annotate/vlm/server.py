@@ -3,7 +3,8 @@
 The same requests the HTTP captioner sends to ``vllm serve`` on a GPU machine work here:
 ``POST /v1/chat/completions`` with one user turn whose images are ``image_url`` data URIs
 (they go before the text, as Qwen's examples put them), ``structured_outputs: {"json": schema}``
-(enforced by ``annotate.vlm.json_grammar``), ``max_tokens`` or ``max_completion_tokens``; also
+(a schema of ``annotate.vlm.bounded_schema``'s subset, decoded under it by the in-process
+client with xgrammar), ``max_tokens`` or ``max_completion_tokens``; also
 ``GET /v1/models`` and ``GET /health``. Requests that arrive while a batch runs are generated
 together in the next one (up to ``max_batch``), a small version of vLLM's continuous batching.
 Decoding is greedy; what this server cannot honour (streaming, ``n`` > 1, sampling, tools, other
@@ -33,8 +34,8 @@ from contextlib import contextmanager
 
 from aiohttp import web
 
+from annotate.vlm.bounded_schema import reply_bytes
 from annotate.vlm.client import ChatReply, ChatRequest, VLMClient
-from annotate.vlm.json_grammar import Grammar
 
 DEFAULT_MAX_TOKENS = 512
 REFUSED_FIELDS = (
@@ -117,7 +118,7 @@ def chat_request(body: dict) -> ChatRequest:
             raise RequestError("structured_outputs supports exactly one key here: json")
         schema = structured["json"]
         try:
-            Grammar.from_schema(schema)
+            reply_bytes(schema)
         except ValueError as error:
             raise RequestError(f"structured_outputs.json: {error}") from None
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_MAX_TOKENS

@@ -1,44 +1,54 @@
 """Constrained decoding, strict reply parsing, crops, prompts and request planning (no model)."""
 
 import json
-import random
+import types
 
 import jsonschema
 import pytest
+import torch
+import xgrammar as xgr
 from PIL import Image
 
 from annotate.captioners.prompts import PromptSet
 from annotate.captioners.requests import CaptionPlan, CaptionSettings, parse_reply, reply_schema
 from annotate.config import load_config
 from annotate.engine.records import Detection, Record
+from annotate.vlm.bounded_schema import reply_bytes, token_budget
 from annotate.vlm.client import ChatReply
 from annotate.vlm.crops import crop_box
-from annotate.vlm.json_grammar import Grammar, token_budget
+from annotate.vlm.in_process import Exclusions, SchemaLogitsProcessor, compact_json
 from annotate.vlm.replies import REASONS, Unusable, check_caption, script_share
-from annotate.vlm.token_mask import TokenMask
 from tests.support.annotate_inputs import REPO
 
 SETTINGS = CaptionSettings(max_caption_chars=40, max_instance_chars=20)
 
 
+def byte_vocabulary(extra: list[bytes]) -> tuple[xgr.TokenizerInfo, list[bytes]]:
+    """The 256 bytes, ``extra`` tokens and an end of sequence (the last id), for xgrammar."""
+    vocabulary = [bytes([b]) for b in range(256)] + extra + [b"<|im_end|>"]
+    return xgr.TokenizerInfo(vocabulary, stop_token_ids=[len(vocabulary) - 1]), vocabulary
+
+
 def test_grammar_accepts_exactly_the_schemas_language():
     schema = reply_schema(True, 2, SETTINGS)
-    grammar = Grammar.from_schema(schema)
+    compiler = xgr.GrammarCompiler(byte_vocabulary([])[0])
+    grammar = xgr.GrammarMatcher(compact_json(compiler, schema))
     good = '{"caption":"a red ball on grass","instances":[{"caption":"a ball"},{"caption":"é"}]}'
-    assert grammar.accepts(grammar.feed(grammar.start, good.encode()))
+    assert grammar.accept_string(good) and grammar.is_completed()
     for bad in [
         '{"caption":"","instances":[{"caption":"a"},{"caption":"b"}]}',  # minLength 1
         '{"caption":"x","instances":[{"caption":"a"}]}',  # one item short
         '{"caption":"x" ,',  # whitespace is not generated
-        '{"caption":"a \\" quote"',  # no escapes
         '{"caption":"' + "x" * 41,  # over maxLength
         '{"caption":"\xff',  # not UTF-8
     ]:
-        state = grammar.feed(grammar.start, bad.encode("latin-1"))
-        assert not (state and grammar.accepts(state)), bad
-    enum = Grammar.from_schema({"enum": ["yes", "no"]})
-    assert enum.accepts(enum.feed(enum.start, b'"no"')) and not enum.feed(enum.start, b'"n"x')
-    assert len(good.encode()) <= grammar.max_bytes < token_budget(schema)
+        grammar.reset()
+        assert not (grammar.accept_string(bad.encode("latin-1")) and grammar.is_completed()), bad
+    enum = xgr.GrammarMatcher(compact_json(compiler, {"enum": ["yes", "no"]}))
+    assert enum.accept_string('"no"') and enum.is_completed()
+    enum.reset()
+    assert not enum.accept_string('"n"x')
+    assert len(good.encode()) <= reply_bytes(schema) < token_budget(schema)
 
 
 @pytest.mark.parametrize(
@@ -56,42 +66,70 @@ def test_grammar_accepts_exactly_the_schemas_language():
 )
 def test_unsupported_schemas_are_named(schema, fault):
     with pytest.raises(ValueError, match=fault):
-        Grammar.from_schema(schema)
+        reply_bytes(schema)
 
 
-def test_token_mask_walks_only_into_valid_json():
-    """The mask allows exactly the tokens the grammar accepts, and random choices among them
-    always end in JSON that follows the schema, multi-byte characters split across tokens."""
+def accepts(matcher: xgr.GrammarMatcher, token: int) -> bool:
+    """Whether the matcher takes the token next (left as it was)."""
+    if not matcher.accept_token(token):
+        return False
+    matcher.rollback(1)
+    return True
+
+
+def test_constrained_decoding_walks_only_into_valid_json():
+    """The logits processor allows exactly what xgrammar accepts less the exclusions (raw
+    control characters, which xgrammar 0.2.8 lets into bounded strings, UTF-16 surrogates,
+    added tokens), and greedy choices on random logits always end in JSON that follows the
+    schema, multi-byte characters split across tokens."""
     schema = reply_schema(True, 2, SETTINGS)
-    grammar = Grammar.from_schema(schema)
-    vocabulary = [bytes([b]) for b in range(256)] + [
-        b'{"caption":"',
-        b'"}',
-        b'"},{"',
-        b"red ball",
-        "é".encode(),
-        "中文".encode()[:4],
-        b'a"',
-        b'"},{"caption":"x',
-        'é"'.encode(),
-        b"a\\n",
-        None,
-    ]
+    info, vocabulary = byte_vocabulary(
+        [
+            b'{"caption":"',
+            b'"}',
+            b'"},{"',
+            b"red ball",
+            "é".encode(),
+            "中文".encode()[:4],
+            b'a"',
+            b'"},{"caption":"x',
+            'é"'.encode(),
+            b"a\\n",
+            b"a\tb",
+            b"x\xed\xa0\x80",  # a surrogate: not UTF-8
+            b"<|image_pad|>",  # an added token, which xgrammar reads as text
+        ]
+    )
     eos = len(vocabulary) - 1
-    mask = TokenMask(vocabulary, [eos])
-    rng = random.Random(0)
-    for _ in range(30):
-        state, out = grammar.start, b""
+    added = types.SimpleNamespace(added_tokens_decoder={eos - 1: None, eos: None})
+    exclusions = Exclusions.of(info, added, [eos])
+    assert exclusions.always.nonzero().flatten().tolist() == [*range(32), 127, 266, 267, 268]
+    grammar = compact_json(xgr.GrammarCompiler(info), schema)
+    always, after_lead = exclusions.always.tolist(), exclusions.after_lead.tolist()
+    generator = torch.Generator().manual_seed(0)
+    for walk in range(30):
+        processor = SchemaLogitsProcessor([grammar], [token_budget(schema)], 1, [eos], exclusions)
+        follower = xgr.GrammarMatcher(grammar, override_stop_tokens=[eos])
+        ids, out = [0], b""
         while True:
-            allowed = mask.allowed(grammar, state)
-            accepted = [bool(data and grammar.feed(state, data)) for data in vocabulary]
-            accepted[eos] = grammar.accepts(state)
-            assert allowed.tolist() == accepted
-            token = rng.choice(allowed.nonzero().flatten().tolist())
+            scores = processor(
+                torch.tensor([ids]), torch.randn(1, len(vocabulary), generator=generator)
+            )
+            allowed = torch.isfinite(scores[0])
+            if walk < 2:  # exactly xgrammar's tokens less the exclusions (token by token)
+                excluded = always.copy()
+                if len(ids) > 1 and ids[-1] in exclusions.ends_in_lead:
+                    excluded = [a or b for a, b in zip(excluded, after_lead, strict=True)]
+                assert allowed.tolist() == [
+                    not excluded[token] and accepts(follower, token)
+                    for token in range(len(vocabulary))
+                ], (walk, out)
+            token = int(scores.argmax())
             if token == eos:
                 break
             out += vocabulary[token]
-            state = grammar.feed(state, vocabulary[token])
+            ids.append(token)
+            assert follower.accept_token(token)
         jsonschema.validate(json.loads(out.decode("utf-8")), schema)
 
 

@@ -25,9 +25,9 @@ from annotate.engine.records import Detection, Record, work_schema
 from annotate.engine.writer import ShardWriter
 from annotate.schema import check_schema
 from annotate.sources import FolderSource
+from annotate.vlm.bounded_schema import token_budget
 from annotate.vlm.client import ChatReply, ChatRequest, encode_image
 from annotate.vlm.in_process import TransformersChatClient
-from annotate.vlm.json_grammar import token_budget
 from annotate.vlm.judge import ANSWER_SCHEMA, Judge, parse_verdict
 from tests.annotate.test_models import decoded_records
 
