@@ -35,17 +35,29 @@ NOT_IN_REPLIES = re.compile(rb"[\x00-\x1f\x7f]|\xed[\xa0-\xbf]")
 SURROGATE_LEAD, SURROGATE_SECOND = b"\xed", re.compile(rb"[\xa0-\xbf]")
 
 
+def packed(allowed: torch.Tensor) -> torch.Tensor:
+    """A boolean mask over the vocabulary as xgrammar's token bitmask: int32 words, token ``j``
+    in bit ``j % 32`` of word ``j // 32``."""
+    words = -(-allowed.numel() // 32)
+    bits = torch.zeros(words * 32, dtype=torch.int64)
+    bits[: allowed.numel()] = allowed.long()
+    value = (bits.view(words, 32) << torch.arange(32)).sum(dim=1)
+    return torch.where(value >= 2**31, value - 2**32, value).to(torch.int32)
+
+
 @dataclass(frozen=True)
 class Exclusions:
     """Tokens that no reply under a schema may take although xgrammar would allow them, over
     the model's vocabulary: ``always`` (raw control characters, a surrogate inside the token,
     added tokens such as ``<|image_pad|>``, which xgrammar reads as text, other than the ends
     of sequence), and ``after_lead``, the tokens that would complete a surrogate after a token
-    that ``ends_in_lead``."""
+    that ``ends_in_lead``. ``keep`` and ``keep_after_lead``: what may stay, as bitmask words."""
 
     always: torch.Tensor
     after_lead: torch.Tensor
     ends_in_lead: frozenset[int]
+    keep: torch.Tensor
+    keep_after_lead: torch.Tensor
 
     @classmethod
     def of(cls, info: xgr.TokenizerInfo, tokenizer, eos_ids: Sequence[int]) -> Exclusions:
@@ -59,12 +71,15 @@ class Exclusions:
         always = over_vocabulary(lambda data: NOT_IN_REPLIES.search(data) is not None)
         always[[i for i in tokenizer.added_tokens_decoder if i < info.vocab_size]] = True
         always[list(eos_ids)] = False
+        after_lead = over_vocabulary(lambda data: SURROGATE_SECOND.match(data) is not None)
         return cls(
             always=always,
-            after_lead=over_vocabulary(lambda data: SURROGATE_SECOND.match(data) is not None),
+            after_lead=after_lead,
             ends_in_lead=frozenset(
                 i for i, data in enumerate(vocabulary) if data.endswith(SURROGATE_LEAD)
             ),
+            keep=packed(~always),
+            keep_after_lead=packed(~always & ~after_lead),
         )
 
 
@@ -97,11 +112,12 @@ class SchemaLogitsProcessor(LogitsProcessor):
         self.eos = set(eos_ids)
         self.exclusions = exclusions
         self.bitmask = xgr.allocate_token_bitmask(len(grammars), exclusions.always.numel())
+        self.eos_bit = packed(torch.arange(32) == eos_ids[0] % 32)[0]
         self.finished = [False] * len(grammars)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         step = input_ids.shape[1] - self.prompt_length
-        constrained, after_lead, spent = [], [], []
+        constrained, spent = [], []
         for row, matcher in enumerate(self.matchers):
             if self.finished[row]:
                 continue
@@ -114,26 +130,21 @@ class SchemaLogitsProcessor(LogitsProcessor):
             elif matcher is not None:
                 if step > 0:
                     matcher.accept_token(token)
-                    if token in self.exclusions.ends_in_lead:
-                        after_lead.append(row)
                 matcher.fill_next_token_bitmask(self.bitmask, row)
+                after_lead = step > 0 and token in self.exclusions.ends_in_lead
+                keep = self.exclusions.keep_after_lead if after_lead else self.exclusions.keep
+                self.bitmask[row] &= keep
+                if not self.bitmask[row].any():  # never a dead end
+                    self.bitmask[row, self.eos_ids[0] // 32] = self.eos_bit
                 constrained.append(row)
         if constrained:
             bitmask = self.bitmask.to(scores.device)
             xgr.apply_token_bitmask_inplace(scores, bitmask, indices=constrained)
-            scores[constrained] = self.exclude(scores[constrained], self.exclusions.always)
-            if after_lead:
-                scores[after_lead] = self.exclude(scores[after_lead], self.exclusions.after_lead)
         if spent:
             only_eos = torch.full_like(scores[0], float("-inf"))
             only_eos[self.eos_ids[0]] = 0.0
             scores[spent] = only_eos
         return scores
-
-    def exclude(self, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        rows = rows.masked_fill(tokens.to(rows.device), float("-inf"))
-        rows[torch.isneginf(rows).all(dim=1), self.eos_ids[0]] = 0.0  # never a dead end
-        return rows
 
 
 class TransformersChatClient:
