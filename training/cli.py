@@ -33,8 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from annotate.ray_session import connect, ray_scope, requested_address
-    from ifadapter.base_model import check_base
+    from annotate.ray_session import ray_scope
     from training.config import load_train_config
     from training.run import train
 
@@ -47,9 +46,7 @@ def run_train(args: argparse.Namespace) -> None:
         max_steps=args.max_steps,
         num_workers=args.num_workers,
     )
-    check_base(config.base, local_only=True)  # before Ray starts: a missing base is one line
-    with ray_scope():
-        connect(requested_address())
+    with ray_scope():  # train() checks the base before it starts Ray: a missing one is one line
         result = train(config, progress=True)
     summary = {
         "adapter": str(result.adapter_dir),
