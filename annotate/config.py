@@ -17,7 +17,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PositiveFloat
 
 from annotate.backends import Kind, StageConfig
 from ifadapter.base_model import hub_offline
-from ifadapter.utils.profiles import ConfigError as ConfigError  # re-exported for callers
 from ifadapter.utils.profiles import load_section, parse_section
 
 SECTION = "annotate"

@@ -15,7 +15,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ifadapter import IFAdapter
 from ifadapter.utils.files import json_sha256
-from ifadapter.utils.profiles import ConfigError as ConfigError  # re-exported for callers
 from ifadapter.utils.profiles import load_section
 
 SECTION = "train"

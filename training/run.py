@@ -20,8 +20,9 @@ from tqdm import tqdm
 from annotate.ray_session import connect, requested_address
 from ifadapter.adapter import IFAdapter
 from ifadapter.base_model import check_base
+from ifadapter.utils.profiles import ConfigError
 from training.cache import CacheInfo, build_cache
-from training.config import ConfigError, TrainConfig, load_train_config
+from training.config import TrainConfig, load_train_config
 from training.loop import ADAPTER_DIR, RUN_FILE, check_cache, new_adapter, train_worker
 from training.metrics import METRICS_FILE, read_events, read_metrics
 from training.samples import BatchPlan, CachedSamples

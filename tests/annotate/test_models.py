@@ -9,7 +9,7 @@ from pycocotools.coco import COCO
 
 from annotate.backends import Tagger
 from annotate.coco_export import export_coco
-from annotate.config import ConfigError, DecodeConfig, load_config, parse_config
+from annotate.config import DecodeConfig, load_config, parse_config
 from annotate.detectors.grounding_dino import (
     GroundingDinoDetector,
     GroundingDinoSettings,
@@ -27,6 +27,7 @@ from annotate.schema import QUARANTINE_DIR, QUARANTINE_SCHEMA, SHARD_SCHEMA, Man
 from annotate.sources import FolderSource
 from annotate.taggers.clip import ClipTagger, ClipTaggerSettings, select_tags
 from annotate.taggers.vocabulary import load_vocabulary
+from ifadapter.utils.profiles import ConfigError
 from tests.support.annotate_inputs import TINY_PROFILE, write_scenes
 
 LIMITS = DecodeConfig(min_side=16, working_side=64)

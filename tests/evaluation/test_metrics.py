@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from annotate.config import ConfigError
 from annotate.vlm.client import ChatReply, ChatRequest
 from evaluation.backends.vlm_judges import QUESTIONS, VLMJudge
 from evaluation.benchmark import (
@@ -24,6 +23,7 @@ from evaluation.config import BenchmarkConfig, parse_config
 from evaluation.metrics import FidScorer, average_precision, ifs_summary, instance_records
 from evaluation.protocols import Detection
 from evaluation.report import markdown_table, summary_table
+from ifadapter.utils.profiles import ConfigError
 from tests.support.paths import CONFIGS
 from tests.support.shards import default_rows, shapes_row, write_dataset
 

@@ -124,7 +124,7 @@ def test_retries_only_what_a_retry_can_cure():
 
     from annotate.sources import SourceError
     from flows.pipeline import transient
-    from training.config import ConfigError
+    from ifadapter.utils.profiles import ConfigError
 
     for final in (ValueError("x"), SourceError("x"), ConfigError("x"), FileNotFoundError("x")):
         assert not transient(None, None, Failed(data=final))

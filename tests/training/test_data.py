@@ -10,6 +10,7 @@ from PIL import Image
 
 from annotate.schema import SHARD_SCHEMA, SchemaError
 from ifadapter import Instance, Layout, tiny
+from ifadapter.utils.profiles import ConfigError
 from tests.conftest import TINY_PROFILE
 from tests.support.shards import shapes_row, write_dataset
 from training.augment import (
@@ -20,7 +21,7 @@ from training.augment import (
     nearest_bucket,
     view_rng,
 )
-from training.config import AugmentConfig, ConfigError, load_train_config
+from training.config import AugmentConfig, load_train_config
 from training.shards import RowError, decode_image, open_dataset, row_layout
 
 

@@ -15,9 +15,9 @@ import yaml
 from safetensors.torch import load_file
 
 from ifadapter import IFAdapter
+from ifadapter.utils.profiles import ConfigError
 from tests.conftest import TINY_PROFILE
 from training.cli import add_parser, run_train
-from training.config import ConfigError
 from training.metrics import read_metrics
 from training.run import train
 

@@ -16,10 +16,10 @@ import pytest
 import yaml
 
 from annotate.cli import add_parser
-from annotate.config import ConfigError
 from annotate.engine.plan import PlanMismatch
 from annotate.engine.writer import shard_schema
 from annotate.schema import QUARANTINE_DIR, QUARANTINE_SCHEMA, Manifest, check_schema
+from ifadapter.utils.profiles import ConfigError
 from tests.annotate.test_sources import write_coco
 from tests.support.annotate_inputs import REPO, TINY_PROFILE, write_bad_inputs, write_scenes
 

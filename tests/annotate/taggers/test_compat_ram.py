@@ -112,7 +112,8 @@ def test_official_ram_plus_layout_loads_strictly():
 
 
 def test_a_profile_names_the_ram_tagger(tmp_path):
-    from annotate.config import ConfigError, TaggerConfig, parse_config
+    from annotate.config import TaggerConfig, parse_config
+    from ifadapter.utils.profiles import ConfigError
 
     meta = json.loads((FIXTURES / "ram_plus.json").read_text())
     torch.save(random_checkpoint(meta["layout"], meta["seed"]), tmp_path / "ram_plus.pth")

@@ -10,13 +10,14 @@ import requests
 import yaml
 from PIL import Image
 
-from annotate.config import CaptionerConfig, ConfigError, parse_config
+from annotate.config import CaptionerConfig, parse_config
 from annotate.engine.operators import annotate_records
 from annotate.engine.records import Detection
 from annotate.vlm.client import ChatRequest, encode_image
 from annotate.vlm.http import HTTPChatClient
 from annotate.vlm.judge import Judge
 from annotate.vlm.server import ChatCompletionsServer, running
+from ifadapter.utils.profiles import ConfigError
 from tests.annotate.engine.test_engine import dataset, run_cli
 from tests.annotate.test_models import decoded_records
 from tests.support.annotate_inputs import TINY_PROFILE, write_scenes
