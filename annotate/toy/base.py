@@ -20,7 +20,9 @@ import copy
 import dataclasses
 import json
 import math
+import shlex
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionXLPipeline,
+)
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -53,15 +60,39 @@ class BaseTrainingConfig:
     decoder_lr: float = 1e-3
     unet_steps: int = 4_000
     unet_batch: int = 32
-    unet_lr: float = 5e-4
+    unet_lr: float = 7e-4
     warmup: int = 200
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     eval_samples: int = 48
-    eval_guidance: float = 3.0
+    eval_guidance: float = 5.0  # the demo's
     eval_steps: int = 25
     round_trip_scenes: int = 200
     checkpoint_every: int = 250
+
+
+def base_scheduler() -> EulerDiscreteScheduler:
+    """SDXL's Euler sampler and betas, rescaled to zero terminal SNR, with v-prediction.
+
+    SDXL's betas end at a signal level of 0.068 (SNR 0.0047), tuned for 128x128 latents. On the
+    toy's 16x16 latent of flat regions the mean of a shape's cells keeps that signal at an SNR
+    near 0.2, so in training the UNet reads where the shapes are and what colour they have from
+    the noisy latent even at t = 999, while sampling starts from pure noise: layout and colour
+    were decided by the noise (frames, blank images, wrong hues). At zero terminal SNR nothing is
+    left to read at t = 999, v-prediction keeps the target defined there, and "trailing" spacing
+    makes it the first sampling step (Lin et al., "Common Diffusion Noise Schedules and Sample
+    Steps are Flawed"). Epsilon-prediction on linear betas, tried first, drifted to flat frames
+    under Euler: at a terminal sigma of 150 the first step's x0 carries every error of the
+    predicted noise times 150."""
+    return EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        rescale_betas_zero_snr=True,
+        num_train_timesteps=1000,
+        timestep_spacing="trailing",
+        prediction_type="v_prediction",
+    )
 
 
 # What a base must reach before it ships (single-shape captions, the world's verifiers): the
@@ -157,9 +188,8 @@ def decoder_stage(vae, pixels: torch.Tensor, config: BaseTrainingConfig, log: li
 
 @torch.no_grad()
 def encode_latents(vae, pixels: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    return torch.cat(
-        [vae.encode(pixels[i : i + batch]).latent_dist.mode() for i in range(0, len(pixels), batch)]
-    )
+    starts = tqdm(range(0, len(pixels), batch), desc="encode latents", unit="batch", mininterval=10)
+    return torch.cat([vae.encode(pixels[i : i + batch]).latent_dist.mode() for i in starts])
 
 
 def prompt_embeddings(text_encoders, ids: tuple[torch.Tensor, torch.Tensor]):
@@ -168,6 +198,16 @@ def prompt_embeddings(text_encoders, ids: tuple[torch.Tensor, torch.Tensor]):
     second = text_encoders[1](ids[1], output_hidden_states=True)
     embeds = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
     return embeds, second.text_embeds
+
+
+def warmup_cosine(step: int, config: BaseTrainingConfig) -> float:
+    """Linear warm-up, then a cosine to zero at the last step, so the run ends on settled weights
+    rather than on the last updates at full lr (the previous base's constant lr ended with its
+    loss moving by a third between logs)."""
+    if step < config.warmup:
+        return (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.unet_steps - config.warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def train_unet(
@@ -190,10 +230,8 @@ def train_unet(
     modules = torch.nn.ModuleList([unet, *encoders]).train()
     ema = copy.deepcopy(modules).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(modules.parameters(), lr=config.unet_lr, weight_decay=1e-2)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / config.warmup)
-    )
-    noise_scheduler = DDPMScheduler.from_config(components["scheduler"].config)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, config))
+    noise_scheduler = DDPMScheduler.from_config(base_scheduler().config)
     generator = torch.Generator().manual_seed(config.seed + 1)
     size = latents.shape[-1] * 4
     time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32).repeat(
@@ -233,7 +271,7 @@ def train_unet(
             embeds * keep[:, None, None],
             added_cond_kwargs={"text_embeds": pooled * keep[:, None], "time_ids": time_ids},
         ).sample
-        loss = F.mse_loss(prediction, noise)
+        loss = F.mse_loss(prediction, noise_scheduler.get_velocity(x0, noise, t))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(modules.parameters(), 1.0)
@@ -329,29 +367,48 @@ def vae_round_trip(vae, config: BaseTrainingConfig) -> dict:
     }
 
 
+def vae_log(vae_from: Path | None) -> list[dict]:
+    """The VAE stages' entries of the base the VAE comes from: the record keeps how it was made."""
+    if vae_from is None:
+        return []
+    record = json.loads((vae_from / "training_record.json").read_text())
+    return [entry for entry in record["log"] if entry["stage"] in ("vae", "decoder")]
+
+
 def quality_gate(scores: dict) -> dict:
     failed = {k: scores[k] for k, floor in QUALITY_GATE.items() if scores[k] < floor}
     return {"thresholds": QUALITY_GATE, "passed": not failed, "failed": failed}
 
 
-def train_base(out: Path, config: BaseTrainingConfig) -> dict:
+def train_base(
+    out: Path, config: BaseTrainingConfig, vae_from: Path | None = None, command: str = ""
+) -> dict:
+    """Trains a base into ``out``. With ``vae_from`` (a base directory this command wrote) its
+    VAE is taken as it is and both VAE stages are skipped: the UNet and text encoders are what
+    a change of recipe retrains, and the VAE stages are a quarter of the run."""
     torch.manual_seed(config.seed)
     started = time.perf_counter()
-    log: list[dict] = []
+    log: list[dict] = vae_log(vae_from)
     components = tiny.components("toy", seed=config.seed)
     pool = scenes(WORLD_SEED, config.pool)
-    pixels = to_tensor([render(scene) for scene in pool])
+    pixels = to_tensor([render(scene) for scene in tqdm(pool, desc="render", mininterval=10)])
     captions = [scene.caption for scene in pool]
 
     state = out / "_state"
     state.mkdir(parents=True, exist_ok=True)
     tick = time.perf_counter()
-    vae = components["vae"]
-    vae_stage(vae, pixels, config, log, state)
+    if vae_from is None:
+        vae = components["vae"]
+        vae_stage(vae, pixels, config, log, state)
+        latents = encode_latents(vae, pixels)
+        scaling = float(1 / latents.std())
+        vae.register_to_config(scaling_factor=scaling)
+    else:
+        vae = AutoencoderKL.from_pretrained(vae_from, subfolder="vae", dtype=torch.float32)
+        vae.eval().requires_grad_(False)
+        scaling = float(vae.config.scaling_factor)
+        latents = encode_latents(vae, pixels)
     vae_seconds = time.perf_counter() - tick
-    latents = encode_latents(vae, pixels)
-    scaling = float(1 / latents.std())
-    vae.register_to_config(scaling_factor=scaling)
 
     tick = time.perf_counter()
     unet, text_encoder, text_encoder_2 = train_unet(
@@ -359,7 +416,8 @@ def train_base(out: Path, config: BaseTrainingConfig) -> dict:
     )
     unet_seconds = time.perf_counter() - tick
     tick = time.perf_counter()
-    decoder_stage(vae, pixels, config, log, state)
+    if vae_from is None:
+        decoder_stage(vae, pixels, config, log, state)
     vae_seconds += time.perf_counter() - tick
     round_trip = vae_round_trip(vae, config)
     print(f"vae round trip on held-out renders: {round_trip}", flush=True)
@@ -371,7 +429,7 @@ def train_base(out: Path, config: BaseTrainingConfig) -> dict:
         tokenizer=components["tokenizer"],
         tokenizer_2=components["tokenizer_2"],
         unet=unet,
-        scheduler=tiny.scheduler(),
+        scheduler=base_scheduler(),
     )
     pipe.set_progress_bar_config(disable=True)
     scores = evaluate_base(pipe, config)
@@ -379,8 +437,9 @@ def train_base(out: Path, config: BaseTrainingConfig) -> dict:
     pipe.to(torch.float16).save_pretrained(out)
     shutil.rmtree(state)
     record = {
-        "command": f"python -m annotate.toy.base --out {out}",
+        "command": command or f"python -m annotate.toy.base --out {out}",
         "config": asdict(config),
+        "vae_from": None if vae_from is None else str(vae_from),
         "vae_minutes_this_run": round(vae_seconds / 60, 1),
         "unet_minutes_this_run": round(unet_seconds / 60, 1),
         "total_minutes": round((time.perf_counter() - started) / 60, 1),
@@ -399,12 +458,16 @@ def train_base(out: Path, config: BaseTrainingConfig) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--vae", type=Path, help="take the VAE of this base directory and skip its two stages"
+    )
     defaults = BaseTrainingConfig()
     for name, value in asdict(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = vars(parser.parse_args(argv))
-    out = args.pop("out")
-    record = train_base(out, BaseTrainingConfig(**args))
+    out, vae_from = args.pop("out"), args.pop("vae")
+    command = shlex.join(["python", "-m", "annotate.toy.base", *(argv or sys.argv[1:])])
+    record = train_base(out, BaseTrainingConfig(**args), vae_from, command)
     print(json.dumps({k: v for k, v in record.items() if k != "log"}, indent=2))
     if not record["quality_gate"]["passed"]:
         raise SystemExit(f"the base fails its quality gate: {record['quality_gate']['failed']}")

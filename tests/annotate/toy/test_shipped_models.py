@@ -37,7 +37,7 @@ def test_shipped_base_renders_as_its_record_says(base_scores):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="the shipped base scores colour 0.73 / shape 0.54 / texture 0.65 (its record), short "
+    reason="the shipped base scores colour 0.90 / shape 0.56 / texture 0.79 (its record), short "
     "of the gate 0.9 / 0.6 / 0.9: a base that passes is still to be trained (docs/toy-world.md)",
 )
 def test_shipped_base_passes_its_quality_gate(base_scores):
@@ -83,8 +83,8 @@ def test_shipped_adapter_moves_each_colour_into_its_box(held_out_layouts):
     ]
     with_adapter = layout_scores(generate(instances), held_out_layouts)
     without = layout_scores(generate(None), held_out_layouts)
-    # On 8 layouts: placement 0.19 against 0.0, colour 0.33 against 0.24. Recorded on the 64
-    # benchmark layouts (metrics.json, CFG 5, "none"): placement 0.44 against the base's
-    # 0.05, colour 0.43 against 0.04.
-    assert with_adapter["placement"] >= without["placement"] + 0.07, (with_adapter, without)
-    assert with_adapter["colour_in_box"] >= without["colour_in_box"] + 0.07, (with_adapter, without)
+    # On 8 layouts: placement 0.71 against 0.10, colour 0.76 against 0.43. Recorded on the 64
+    # benchmark layouts (metrics.json, CFG 5, "none"): placement 0.755 against the base's 0.10,
+    # colour 0.735 against 0.095.
+    assert with_adapter["placement"] >= without["placement"] + 0.3, (with_adapter, without)
+    assert with_adapter["colour_in_box"] >= without["colour_in_box"] + 0.15, (with_adapter, without)
