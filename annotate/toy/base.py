@@ -65,7 +65,7 @@ class BaseTrainingConfig:
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     eval_samples: int = 48
-    eval_guidance: float = 5.0  # the demo's
+    eval_guidance: float = 5.0
     eval_steps: int = 25
     round_trip_scenes: int = 200
     checkpoint_every: int = 250

@@ -72,7 +72,7 @@ def test_shipped_adapter_moves_each_colour_into_its_box(held_out_layouts):
             prompts,
             instances,
             num_inference_steps=20,
-            guidance_scale=5.0,
+            guidance_scale=3.0,
             unconditional_layout="none",
             generator=torch.Generator().manual_seed(0),
         ).images
@@ -83,8 +83,8 @@ def test_shipped_adapter_moves_each_colour_into_its_box(held_out_layouts):
     ]
     with_adapter = layout_scores(generate(instances), held_out_layouts)
     without = layout_scores(generate(None), held_out_layouts)
-    # On 8 layouts: placement 0.71 against 0.10, colour 0.76 against 0.43. Recorded on the 64
-    # benchmark layouts (metrics.json, CFG 5, "none"): placement 0.755 against the base's 0.10,
-    # colour 0.735 against 0.095.
-    assert with_adapter["placement"] >= without["placement"] + 0.3, (with_adapter, without)
-    assert with_adapter["colour_in_box"] >= without["colour_in_box"] + 0.15, (with_adapter, without)
+    # On 8 layouts: placement 0.76 against 0.05, colour 0.90 against 0.43. Recorded on the 64
+    # benchmark layouts (metrics.json, CFG 3, "none"): placement 0.83 against the base's 0.095,
+    # colour 0.83 against 0.095.
+    assert with_adapter["placement"] >= without["placement"] + 0.4, (with_adapter, without)
+    assert with_adapter["colour_in_box"] >= without["colour_in_box"] + 0.25, (with_adapter, without)
