@@ -400,15 +400,14 @@ def train_base(
     if vae_from is None:
         vae = components["vae"]
         vae_stage(vae, pixels, config, log, state)
-        latents = encode_latents(vae, pixels)
-        scaling = float(1 / latents.std())
-        vae.register_to_config(scaling_factor=scaling)
     else:
         vae = AutoencoderKL.from_pretrained(vae_from, subfolder="vae", dtype=torch.float32)
         vae.eval().requires_grad_(False)
-        scaling = float(vae.config.scaling_factor)
-        latents = encode_latents(vae, pixels)
     vae_seconds = time.perf_counter() - tick
+    latents = encode_latents(vae, pixels)
+    if vae_from is None:
+        vae.register_to_config(scaling_factor=float(1 / latents.std()))
+    scaling = float(vae.config.scaling_factor)
 
     tick = time.perf_counter()
     unet, text_encoder, text_encoder_2 = train_unet(
