@@ -9,6 +9,10 @@ a ``training_record.json`` of the settings, timings and the verifier scores of i
 
     python -m annotate.toy.base --out models/toy-base
 
+A base can also be trained further: ``--init models/toy-base`` starts the UNet and both text
+encoders from that base's weights and keeps its VAE; the record embeds the record of the base it
+continued, so the whole history stays with the weights.
+
 The run keeps its state in ``OUT/_state`` (the trained VAE, then the UNet stage every
 ``checkpoint_every`` steps), so the same command continues an interrupted run where it stopped.
 """
@@ -65,7 +69,7 @@ class BaseTrainingConfig:
     caption_dropout: float = 0.1
     ema_decay: float = 0.999
     eval_samples: int = 48
-    eval_guidance: float = 5.0
+    eval_guidance: float = 3.0  # the guidance the demo and the shipped adapter sample at
     eval_steps: int = 25
     round_trip_scenes: int = 200
     checkpoint_every: int = 250
@@ -95,8 +99,9 @@ def base_scheduler() -> EulerDiscreteScheduler:
     )
 
 
-# What a base must reach before it ships (single-shape captions, the world's verifiers): the
-# adapter steers the base, so it cannot draw better than the base renders one instance.
+# What a base must reach before it ships (single-shape captions, the world's verifiers, at the
+# guidance the adapter samples with): the adapter steers the base, so it cannot draw better
+# than the base renders one instance.
 QUALITY_GATE = {"colour": 0.9, "shape": 0.6, "texture": 0.9}
 
 
@@ -380,16 +385,36 @@ def quality_gate(scores: dict) -> dict:
     return {"thresholds": QUALITY_GATE, "passed": not failed, "failed": failed}
 
 
+def initialise_from(components: dict, base: Path) -> dict:
+    """Loads ``base``'s UNet and text encoders into ``components`` (float32, as trained) and
+    returns its record without the log, which this run's record embeds."""
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        trained = type(components[name]).from_pretrained(base, subfolder=name, dtype=torch.float32)
+        components[name].load_state_dict(trained.state_dict())
+    record = json.loads((base / "training_record.json").read_text())
+    return {"path": str(base)} | {k: v for k, v in record.items() if k != "log"}
+
+
 def train_base(
-    out: Path, config: BaseTrainingConfig, vae_from: Path | None = None, command: str = ""
+    out: Path,
+    config: BaseTrainingConfig,
+    vae_from: Path | None = None,
+    command: str = "",
+    init_from: Path | None = None,
 ) -> dict:
     """Trains a base into ``out``. With ``vae_from`` (a base directory this command wrote) its
     VAE is taken as it is and both VAE stages are skipped: the UNet and text encoders are what
-    a change of recipe retrains, and the VAE stages are a quarter of the run."""
+    a change of recipe retrains, and the VAE stages are a quarter of the run. ``init_from``
+    continues a base: its UNet and text encoders are the starting point and its VAE is kept."""
+    if init_from is not None:
+        if vae_from not in (None, init_from):
+            raise ValueError("--init keeps the VAE of the base it continues; drop --vae")
+        vae_from = init_from
     torch.manual_seed(config.seed)
     started = time.perf_counter()
     log: list[dict] = vae_log(vae_from)
     components = tiny.components("toy", seed=config.seed)
+    continued = None if init_from is None else initialise_from(components, init_from)
     pool = scenes(WORLD_SEED, config.pool)
     pixels = to_tensor([render(scene) for scene in tqdm(pool, desc="render", mininterval=10)])
     captions = [scene.caption for scene in pool]
@@ -439,6 +464,7 @@ def train_base(
         "command": command or f"python -m annotate.toy.base --out {out}",
         "config": asdict(config),
         "vae_from": None if vae_from is None else str(vae_from),
+        "continued_from": continued,
         "vae_minutes_this_run": round(vae_seconds / 60, 1),
         "unet_minutes_this_run": round(unet_seconds / 60, 1),
         "total_minutes": round((time.perf_counter() - started) / 60, 1),
@@ -460,13 +486,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--vae", type=Path, help="take the VAE of this base directory and skip its two stages"
     )
+    parser.add_argument(
+        "--init", type=Path, help="continue this base: start from its UNet, encoders and VAE"
+    )
     defaults = BaseTrainingConfig()
     for name, value in asdict(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
     args = vars(parser.parse_args(argv))
-    out, vae_from = args.pop("out"), args.pop("vae")
+    out, vae_from, init_from = args.pop("out"), args.pop("vae"), args.pop("init")
     command = shlex.join(["python", "-m", "annotate.toy.base", *(argv or sys.argv[1:])])
-    record = train_base(out, BaseTrainingConfig(**args), vae_from, command)
+    record = train_base(out, BaseTrainingConfig(**args), vae_from, command, init_from)
     print(json.dumps({k: v for k, v in record.items() if k != "log"}, indent=2))
     if not record["quality_gate"]["passed"]:
         raise SystemExit(f"the base fails its quality gate: {record['quality_gate']['failed']}")

@@ -1,7 +1,9 @@
 """The toy base model's training command, at a few steps: it must produce a stock SDXL pipeline."""
 
+import dataclasses
 import json
 
+import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline
 
@@ -59,6 +61,24 @@ def test_a_base_trained_on_another_bases_vae_keeps_it_and_its_record(tmp_path):
         before.vae.state_dict().items(), after.vae.state_dict().values(), strict=True
     ):
         assert torch.equal(x, y), name
+
+
+def test_a_continued_base_starts_from_its_weights_and_embeds_its_record(tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    made = train_base(first, SMALL)
+    # at lr 0 the continued run changes nothing: what it saves is exactly what it started from
+    record = train_base(second, dataclasses.replace(SMALL, unet_lr=0.0), init_from=first)
+    assert record["continued_from"]["path"] == str(first) and record["vae_from"] == str(first)
+    assert record["continued_from"]["config"] == made["config"]
+    assert "log" not in record["continued_from"]
+    before = StableDiffusionXLPipeline.from_pretrained(first, dtype=torch.float32)
+    after = StableDiffusionXLPipeline.from_pretrained(second, dtype=torch.float32)
+    for name in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        expected = getattr(before, name).state_dict()
+        for key, value in getattr(after, name).state_dict().items():
+            assert torch.equal(value, expected[key]), f"{name}.{key}"
+    with pytest.raises(ValueError, match="drop --vae"):
+        train_base(tmp_path / "third", SMALL, vae_from=second, init_from=first)
 
 
 def test_unet_stage_resumes_exactly_from_its_state(tmp_path):
