@@ -386,11 +386,11 @@ def quality_gate(scores: dict) -> dict:
 
 
 def initialise_from(components: dict, base: Path) -> dict:
-    """Loads ``base``'s UNet and text encoders into ``components`` (float32, as trained) and
-    returns its record without the log, which this run's record embeds."""
+    """Replaces the UNet and text encoders in ``components`` by ``base``'s (float32, as trained)
+    and returns its record without the log, which this run's record embeds."""
     for name in ("unet", "text_encoder", "text_encoder_2"):
-        trained = type(components[name]).from_pretrained(base, subfolder=name, dtype=torch.float32)
-        components[name].load_state_dict(trained.state_dict())
+        model = type(components[name])
+        components[name] = model.from_pretrained(base, subfolder=name, dtype=torch.float32)
     record = json.loads((base / "training_record.json").read_text())
     return {"path": str(base)} | {k: v for k, v in record.items() if k != "log"}
 
