@@ -79,6 +79,10 @@ def _module_key(layer: str) -> str:
 class IFAdapter(ModelMixin, ConfigMixin):
     """Instance feature adapter; every size is a config value saved with the checkpoint.
 
+    ``box_position_freqs``: each cell's position inside each box, as Fourier bands projected
+    into that instance's ISM query (not in the paper; ``attention_processor`` says why the toy
+    world needs it). None, the default, is the paper's ISM.
+
     Behaviour of the released code (all off by default):
 
     - ``resampler_variant="released"``: gated feed-forward, a LayerNorm before ``proj_out``, and
@@ -120,6 +124,7 @@ class IFAdapter(ModelMixin, ConfigMixin):
         fusion_slots: int | None = None,
         injection: Injection = "after_to_out",
         dropped_description: Literal["zero", "empty"] = "zero",
+        box_position_freqs: int | None = None,
     ) -> None:
         super().__init__()
         if len(layers) != len(layer_channels):
@@ -156,6 +161,7 @@ class IFAdapter(ModelMixin, ConfigMixin):
                     qk_norm_dim,
                     fusion_slots,
                     injection,
+                    box_position_freqs,
                 )
                 for name, channels in zip(layers, layer_channels, strict=True)
             }

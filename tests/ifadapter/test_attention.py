@@ -5,7 +5,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from ifadapter import IFAdapter, Instance, Layout, LayoutTensors, encode_instances, tiny
-from ifadapter.attention_processor import box_masks
+from ifadapter.attention_processor import box_masks, box_positions
 from ifadapter.fusion import FusionScorer, fuse_instances, fusion_weights
 from tests.conftest import open_gates
 
@@ -205,3 +205,51 @@ def test_install_rejects_mismatched_unets(components):
         adapter.install(other)
     with pytest.raises(ValueError, match="no cross-attention layer"):
         IFAdapter.for_unet(components["unet"], layer_patterns=["down_blocks.0.*"])
+
+
+def test_box_positions_are_cell_centres_in_the_box_frame():
+    boxes = torch.tensor([[[0.25, 0.0, 0.75, 0.5], [0.0, 0.0, 0.0, 0.0]]])  # a box, a padding slot
+    position = box_positions(boxes, 4, 4).view(1, 2, 4, 4, 2)
+    centres = torch.tensor([-0.25, 0.25, 0.75, 1.25])  # cell centres 1/8, 3/8, 5/8, 7/8 along x
+    torch.testing.assert_close(position[0, 0, 0, :, 0], centres)
+    torch.testing.assert_close(position[0, 0, :, 0, 1], torch.tensor([0.25, 0.75, 1.25, 1.75]))
+    assert position[0, 1].isfinite().all() and position.abs().max() <= 2  # empty box: clamped
+
+
+def test_box_position_lets_a_constant_query_draw_inside_its_box(components):
+    """Without positions a box's cells all get the same map when the query is the same
+    everywhere (the layer cannot tell the box's corner from its centre, so a triangle's box
+    fills like a square's); the position term makes the map vary inside the box, and starts at
+    zero, so an untrained adapter with it is the adapter without it."""
+    unet = components["unet"]
+    torch.manual_seed(0)
+    adapter = open_gates(
+        IFAdapter.for_unet(unet, **tiny.adapter_config(), box_position_freqs=4), 0.7
+    )
+    adapter.install(unet)
+    name, channels = adapter.config.layers[0], adapter.config.layer_channels[0]
+    heads = unet.get_submodule(name).heads
+    query = torch.randn(1, heads, 1, channels // heads).expand(-1, -1, 8 * 8, -1)
+    layout = Layout("one", [Instance((0.0, 0.0, 1.0, 1.0), "a red striped triangle")])
+
+    def spread() -> float:
+        ism, _ = ism_output(adapter, components, layout, name, query)
+        return float((ism[0] - ism[0].mean(0)).abs().max())
+
+    layer = adapter.ism_layer(name)
+    assert spread() < 1e-5  # zero-initialised: the paper's ISM
+    with torch.no_grad():
+        layer.to_q_pos.weight.normal_()
+    assert spread() > 1e-2
+
+
+def test_box_position_weights_round_trip(components, tmp_path):
+    adapter = IFAdapter.for_unet(components["unet"], **tiny.adapter_config(), box_position_freqs=3)
+    with torch.no_grad():
+        for layer in adapter.ism_layers.values():
+            layer.to_q_pos.weight.normal_()
+    adapter.save_pretrained(tmp_path)
+    reloaded = IFAdapter.from_pretrained(tmp_path)
+    assert reloaded.config.box_position_freqs == 3
+    for key, value in adapter.state_dict().items():
+        assert torch.equal(value, reloaded.state_dict()[key])
