@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
+from ifadapter.box_embedding import FourierEmbedder
 from ifadapter.fusion import FusionScorer, fuse_instances, fuse_instances_released
 
 Injection = Literal["after_to_out", "before_to_out"]
@@ -72,8 +73,7 @@ class ISMLayer(nn.Module):
             # Zero at the start: the query is the layer's own until training moves it.
             self.to_q_pos = nn.Linear(4 * box_position_freqs, channels, bias=False)
             nn.init.zeros_(self.to_q_pos.weight)
-            bands = math.pi * 2.0 ** torch.arange(box_position_freqs, dtype=torch.float32)
-            self.register_buffer("position_bands", bands, persistent=False)
+            self.position_fourier = FourierEmbedder.octaves(box_position_freqs)
         self.scorer = FusionScorer(channels, fusion_reduction, fusion_kernel)
         self.gate = nn.Parameter(torch.zeros(()))
         if qk_norm_dim is None:
@@ -94,7 +94,20 @@ class LayerGrid:
     masks: torch.Tensor  # (B, N, h*w) bool: cells touched by each box, False on padding slots
     area_weight: torch.Tensor  # (B, N) sigmoid(|union| / |box|)
     foreground: torch.Tensor  # (B, h*w) bool: 1 - M_bg
-    position: torch.Tensor  # (B, N, h*w, 2): each cell's centre in box i's frame, box = [0, 1]
+    boxes: torch.Tensor  # (B, N, 4)
+    _position_features: torch.Tensor | None = field(default=None, repr=False)
+
+    def position_features(self, fourier: FourierEmbedder) -> torch.Tensor:
+        """(B, N, h*w, 4F): ``fourier`` of each cell's centre in box i's frame.
+
+        They depend on the boxes only, so every layer of this resolution and every denoising
+        step of a generation reuses the first computation (the layers of one adapter share
+        their band count); adapters without the position term never compute them.
+        """
+        if self._position_features is None:
+            positions = box_positions(self.boxes, self.height, self.width)
+            self._position_features = fourier(positions)
+        return self._position_features
 
 
 @dataclass
@@ -159,9 +172,7 @@ def _layer_grid(boxes: torch.Tensor, mask: torch.Tensor, height: int, width: int
     union = foreground.sum(-1, keepdim=True).to(boxes.dtype)
     area = masks.sum(-1).to(boxes.dtype).clamp(min=1)
     ratio = torch.where(mask, union / area, torch.zeros_like(area))  # 0 on padding slots
-    return LayerGrid(
-        height, width, masks, torch.sigmoid(ratio), foreground, box_positions(boxes, height, width)
-    )
+    return LayerGrid(height, width, masks, torch.sigmoid(ratio), foreground, boxes)
 
 
 def box_positions(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -381,8 +392,7 @@ class IFAdapterAttnProcessor:
         the same everywhere in its box, and the box fills with its colour whatever its shape.
         """
         layer = self.layer
-        angles = grid.position.unsqueeze(-1) * layer.position_bands.to(grid.position.dtype)
-        features = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)  # (B, N, HW, 4F)
+        features = grid.position_features(layer.position_fourier)
         position = layer.to_q_pos(features.to(layer.to_q_pos.weight.dtype))
         batch, instances, cells, _ = position.shape
         return position.view(batch, instances, cells, heads, head_dim).transpose(2, 3)

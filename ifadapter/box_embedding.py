@@ -6,19 +6,32 @@ guidance, so guidance pushes towards the appearance while both branches agree on
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 
 class FourierEmbedder(nn.Module):
-    def __init__(self, num_freqs: int, temperature: float) -> None:
+    """Sin and cos of coordinates at fixed angular frequencies (``bands``), not trained."""
+
+    def __init__(self, bands: torch.Tensor) -> None:
         super().__init__()
-        bands = temperature ** (torch.arange(num_freqs, dtype=torch.float32) / num_freqs)
-        self.register_buffer("bands", bands, persistent=False)
+        self.register_buffer("bands", bands.float(), persistent=False)
+
+    @classmethod
+    def geometric(cls, num_freqs: int, temperature: float) -> FourierEmbedder:
+        """GLIGEN's bands ``temperature^(k / num_freqs)``: the released weights expect them."""
+        return cls(temperature ** (torch.arange(num_freqs, dtype=torch.float32) / num_freqs))
+
+    @classmethod
+    def octaves(cls, num_freqs: int) -> FourierEmbedder:
+        """Bands ``pi * 2^k``: for coordinates in [0, 1], the first is half a period over it."""
+        return cls(math.pi * 2.0 ** torch.arange(num_freqs, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., 4) -> (..., 4 * 2 * num_freqs): sin and cos of each coordinate per band."""
-        angles = x.unsqueeze(-2) * self.bands.to(x.dtype)[:, None]  # (..., F, 4)
+        """x (..., D) -> (..., D * 2 * num_freqs): per band, sin then cos of every coordinate."""
+        angles = x.unsqueeze(-2) * self.bands.to(x.dtype)[:, None]  # (..., F, D)
         return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)
 
 
@@ -27,7 +40,7 @@ class BoxEmbedding(nn.Module):
         self, output_dim: int, num_freqs: int, temperature: float, hidden_dim: int
     ) -> None:
         super().__init__()
-        self.fourier = FourierEmbedder(num_freqs, temperature)
+        self.fourier = FourierEmbedder.geometric(num_freqs, temperature)
         self.mlp = nn.Sequential(
             nn.Linear(4 * 2 * num_freqs, hidden_dim),
             nn.SiLU(),
