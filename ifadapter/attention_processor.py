@@ -102,10 +102,11 @@ class LayerGrid:
 
         They depend on the boxes only, so every layer of this resolution and every denoising
         step of a generation reuses the first computation (the layers of one adapter share
-        their band count); adapters without the position term never compute them.
+        their band count); adapters without the position term never compute them. Float32
+        whatever the boxes' dtype (``FourierEmbedder`` says why).
         """
         if self._position_features is None:
-            positions = box_positions(self.boxes, self.height, self.width)
+            positions = box_positions(self.boxes.float(), self.height, self.width)
             self._position_features = fourier(positions)
         return self._position_features
 

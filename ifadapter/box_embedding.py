@@ -7,32 +7,40 @@ guidance, so guidance pushes towards the appearance while both branches agree on
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 
 class FourierEmbedder(nn.Module):
-    """Sin and cos of coordinates at fixed angular frequencies (``bands``), not trained."""
+    """Sin and cos of coordinates at fixed angular frequencies (``bands``), not trained.
 
-    def __init__(self, bands: torch.Tensor) -> None:
+    The bands are plain numbers, not a buffer, and the angles are computed in float32: casting
+    an adapter to float16 would round the high bands (pi * 2^15 does not even fit in float16)
+    and turn a position's rounding into whole radians.
+    """
+
+    def __init__(self, bands: Sequence[float]) -> None:
         super().__init__()
-        self.register_buffer("bands", bands.float(), persistent=False)
+        self.bands = tuple(float(band) for band in bands)
 
     @classmethod
     def geometric(cls, num_freqs: int, temperature: float) -> FourierEmbedder:
         """GLIGEN's bands ``temperature^(k / num_freqs)``: the released weights expect them."""
-        return cls(temperature ** (torch.arange(num_freqs, dtype=torch.float32) / num_freqs))
+        return cls(temperature ** (k / num_freqs) for k in range(num_freqs))
 
     @classmethod
     def octaves(cls, num_freqs: int) -> FourierEmbedder:
         """Bands ``pi * 2^k``: for coordinates in [0, 1], the first is half a period over it."""
-        return cls(math.pi * 2.0 ** torch.arange(num_freqs, dtype=torch.float32))
+        return cls(math.pi * 2.0**k for k in range(num_freqs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., D) -> (..., D * 2 * num_freqs): per band, sin then cos of every coordinate."""
-        angles = x.unsqueeze(-2) * self.bands.to(x.dtype)[:, None]  # (..., F, D)
-        return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+        """x (..., D) -> (..., D * 2 * num_freqs) in x's dtype: per band, sin then cos of every
+        coordinate."""
+        bands = torch.tensor(self.bands, dtype=torch.float32, device=x.device)
+        angles = x.float().unsqueeze(-2) * bands[:, None]  # (..., F, D)
+        return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2).to(x.dtype)
 
 
 class BoxEmbedding(nn.Module):

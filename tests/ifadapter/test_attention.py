@@ -6,6 +6,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from ifadapter import IFAdapter, Instance, Layout, LayoutTensors, encode_instances, tiny
 from ifadapter.attention_processor import box_masks, box_positions
+from ifadapter.box_embedding import FourierEmbedder
 from ifadapter.fusion import FusionScorer, fuse_instances, fusion_weights
 from tests.conftest import open_gates
 
@@ -214,6 +215,15 @@ def test_box_positions_are_cell_centres_in_the_box_frame():
     torch.testing.assert_close(position[0, 0, 0, :, 0], centres)
     torch.testing.assert_close(position[0, 0, :, 0, 1], torch.tensor([0.25, 0.75, 1.25, 1.75]))
     assert position[0, 1].isfinite().all() and position.abs().max() <= 2  # empty box: clamped
+
+
+def test_fourier_bands_survive_a_half_precision_cast():
+    """An adapter cast to float16 keeps its Fourier bands exact: pi * 2^15 is past float16's
+    range, and a rounded band would move every high-band angle by whole radians."""
+    fourier = FourierEmbedder.octaves(16).to(torch.float16)
+    position = torch.tensor([[0.3, 0.7]])
+    torch.testing.assert_close(fourier(position), FourierEmbedder.octaves(16)(position))
+    assert fourier(position.half()).dtype == torch.float16
 
 
 def test_box_position_lets_a_constant_query_draw_inside_its_box(components):
