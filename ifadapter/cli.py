@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "toy world and a held-out benchmark world, annotates them (oracle), trains the adapter "
         "on the frozen toy base shipped in models/toy-base, and evaluates the base, the adapter "
         "and its ablations with the world's exact verifiers. Writes OUT/report.html and "
-        "OUT/metrics.json; about 14 minutes on two cores (README: 'Set-up'). Rerunning resumes.",
+        "OUT/metrics.json; about 13 minutes on two cores (README: 'Set-up'). Rerunning resumes.",
     )
     demo.add_argument("--out", type=Path, required=True, help="output directory")
     demo.add_argument(
