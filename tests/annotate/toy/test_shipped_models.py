@@ -78,8 +78,8 @@ def test_shipped_adapter_moves_each_colour_into_its_box(held_out_layouts):
     ]
     with_adapter = layout_scores(generate(instances), held_out_layouts)
     without = layout_scores(generate(None), held_out_layouts)
-    # On 8 layouts: placement 0.95 against 0.0, colour 0.95 against 0.57. Recorded on the 64
-    # benchmark layouts (metrics.json, CFG 3, "none"): placement 0.91 against the base's 0.09,
+    # On 8 layouts: placement 0.90 against 0.0, colour 0.90 against 0.57. Recorded on the 64
+    # benchmark layouts (metrics.json, CFG 3, "none"): placement 0.92 against the base's 0.09,
     # colour 0.91 against 0.09.
     assert with_adapter["placement"] >= without["placement"] + 0.4, (with_adapter, without)
     assert with_adapter["colour_in_box"] >= without["colour_in_box"] + 0.25, (with_adapter, without)
