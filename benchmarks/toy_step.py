@@ -57,7 +57,9 @@ def main() -> None:
         for name, (config, _) in VARIANTS.items()
     }
     layers = next(iter(adapters.values())).config.text_encoder_layers
-    inputs = {batch: batch_inputs(pipe, batch, layers) for _, batch in VARIANTS.values()}
+    inputs = {
+        batch: batch_inputs(pipe, batch, layers) for batch in {b for _, b in VARIANTS.values()}
+    }
 
     def step_fn(adapter: IFAdapter, batch: int):
         optimiser = torch.optim.AdamW(adapter.parameters(), lr=1e-4)

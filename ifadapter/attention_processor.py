@@ -95,20 +95,22 @@ class LayerGrid:
     area_weight: torch.Tensor  # (B, N) sigmoid(|union| / |box|)
     foreground: torch.Tensor  # (B, h*w) bool: 1 - M_bg
     boxes: torch.Tensor  # (B, N, 4)
-    _position_features: torch.Tensor | None = field(default=None, repr=False)
+    _position_features: dict[tuple[float, ...], torch.Tensor] = field(
+        default_factory=dict, repr=False
+    )
 
     def position_features(self, fourier: FourierEmbedder) -> torch.Tensor:
         """(B, N, h*w, 4F): ``fourier`` of each cell's centre in box i's frame.
 
-        They depend on the boxes only, so every layer of this resolution and every denoising
-        step of a generation reuses the first computation (the layers of one adapter share
-        their band count); adapters without the position term never compute them. Float32
-        whatever the boxes' dtype (``FourierEmbedder`` says why).
+        They depend on the boxes and the bands only, so every layer of this resolution and
+        every denoising step of a generation reuses the first computation for its bands;
+        adapters without the position term never compute them. Float32 whatever the boxes'
+        dtype (``FourierEmbedder`` says why).
         """
-        if self._position_features is None:
+        if fourier.bands not in self._position_features:
             positions = box_positions(self.boxes.float(), self.height, self.width)
-            self._position_features = fourier(positions)
-        return self._position_features
+            self._position_features[fourier.bands] = fourier(positions)
+        return self._position_features[fourier.bands]
 
 
 @dataclass
