@@ -32,15 +32,35 @@ QUICK_TRAIN_WORLD = "toy:seed=1,count=96"
 QUICK_BENCHMARK_WORLD = "toy:seed=2,count=24"
 EXAMPLE_WORLD_SEED = 7  # layouts shipped beside the adapter to try it on
 
+# The paper's ablation (Table 3) as the paper ran it: a variant trained without one token group.
+ABLATIONS = {"no-appearance": "appearance_tokens", "no-eot": "eot_token"}
 
-def demo_profile(path: Path, quick: bool = False, steps: int | None = None) -> Path:
-    """The demo profile with absolute model paths (and the quick sizes, or ``steps`` training
-    steps), written to ``path``."""
+
+def demo_profile(
+    path: Path, quick: bool = False, steps: int | None = None, ablation: str | None = None
+) -> Path:
+    """The demo profile with absolute model paths (and the quick sizes, ``steps`` training
+    steps, or an ``ablation`` variant), written to ``path``.
+
+    An ablation trains the adapter without the token group it names; the report then scores
+    that variant, named ``ifadapter-trained-<ablation>``, beside the base and the renders, in
+    place of the full adapter and its inference-time ablations (which need both groups)."""
     profile = read_profile(DEMO_PROFILE)
     train = profile["train"]
     train["base"] = str(PROJECT / train["base"])
     if steps is not None:
         train["max_steps"] = steps
+    if ablation is not None:
+        if ablation not in ABLATIONS:
+            raise ValueError(f"unknown ablation {ablation!r}; known: {sorted(ABLATIONS)}")
+        train["adapter"][ABLATIONS[ablation]] = False
+        methods = []
+        for method in profile["evaluate"]["methods"]:
+            if method["name"] == "ifadapter":
+                methods.append({**method, "name": f"ifadapter-trained-{ablation}"})
+            elif "token_groups" not in method:
+                methods.append(method)
+        profile["evaluate"]["methods"] = methods
     for method in profile["evaluate"]["methods"]:
         if "base" in method:
             method["base"] = str(PROJECT / method["base"])
@@ -57,16 +77,21 @@ def demo_profile(path: Path, quick: bool = False, steps: int | None = None) -> P
 
 
 def run_demo(
-    out: Path, quick: bool = False, steps: int | None = None, export: Path | None = None
+    out: Path,
+    quick: bool = False,
+    steps: int | None = None,
+    export: Path | None = None,
+    ablation: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Runs the pipeline flow on the toy world into ``out``; returns each stage's summary.
     ``export`` receives the trained adapter with the profile and the benchmark's results beside
-    it (how ``models/toy-adapter`` is made)."""
+    it (how ``models/toy-adapter`` is made); ``ablation`` trains a variant without one token
+    group (``ABLATIONS``)."""
     from flows.pipeline import run_pipeline
 
     out = out.resolve()
     results = run_pipeline(
-        config=demo_profile(out / "demo.yaml", quick, steps),
+        config=demo_profile(out / "demo.yaml", quick, steps, ablation),
         input=QUICK_TRAIN_WORLD if quick else TRAIN_WORLD,
         benchmark_input=QUICK_BENCHMARK_WORLD if quick else BENCHMARK_WORLD,
         output=out,

@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the trained adapter with its profile and benchmark results here "
         "(how models/toy-adapter is made)",
     )
+    demo.add_argument(
+        "--ablation",
+        choices=("no-appearance", "no-eot"),
+        default=None,
+        help="train the paper's ablation instead of the full adapter: without the appearance "
+        "tokens (the EoT token only) or without the EoT token (docs/toy-world.md)",
+    )
 
     generate = commands.add_parser(
         "generate",
@@ -270,7 +277,13 @@ def run_demo(args: argparse.Namespace) -> None:
     try:
         if args.steps is not None and args.steps <= 0:
             raise UsageError(f"--steps must be positive, got {args.steps}")
-        results = run(args.out, quick=args.quick, steps=args.steps, export=args.export)
+        results = run(
+            args.out,
+            quick=args.quick,
+            steps=args.steps,
+            export=args.export,
+            ablation=args.ablation,
+        )
     except StageFailed as error:
         print(f"ifadapter demo: {error}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -54,6 +54,32 @@ def test_quick_demo_writes_the_report_and_metrics(tmp_path):
         assert (exported / name).is_file(), name
 
 
+@pytest.mark.slow
+def test_quick_demo_trains_the_papers_ablation_separately(tmp_path):
+    """``ifadapter demo --ablation no-eot``: the adapter is trained without the EoT token and the
+    report scores that variant under its own name, with no inference-time ablation (they need
+    the token group the variant lacks)."""
+    out = tmp_path / "demo"
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "ifadapter.cli", "demo", "--out", str(out), "--quick"),
+            *("--ablation", "no-eot"),
+        ],
+        cwd=tmp_path,
+        env=flow_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["methods"]) == {"base", "ifadapter-trained-no-eot", "real", "real-vae"}
+    (adapter,) = (out / "train").glob("*/adapter")
+    config = IFAdapter.from_pretrained(adapter).config
+    assert not config.eot_token and config.appearance_tokens
+    assert "ifadapter-trained-no-eot" in (out / "report.html").read_text()
+
+
 def test_generate_from_a_layout_file(tmp_path, base_dir, components):
     adapter = IFAdapter.for_unet(components["unet"], **tiny.adapter_config())
     adapter.save_pretrained(tmp_path / "adapter")
