@@ -5,8 +5,9 @@ The demo writes a copy of it into the output directory with those paths made abs
 run works from any directory and the exact profile it ran stays beside its results, then runs
 the ``ifadapter-pipeline`` flow: a training world and a held-out benchmark world are generated
 and annotated by the oracle, the adapter is trained on the frozen toy base, and the benchmark
-scores the base, the adapter, its two token-group ablations and the world's own renders with
-the exact verifiers. ``report.html`` and ``metrics.json`` are copied to the top of the output.
+scores the base, the adapter and the world's own renders (plain and through the VAE) on every
+scene of the held-out world with the exact verifiers. ``report.html`` and ``metrics.json`` are
+copied to the top of the output.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ def demo_profile(
 
     An ablation trains the adapter without the token group it names; the report then scores
     that variant, named ``ifadapter-trained-<ablation>``, beside the base and the renders, in
-    place of the full adapter and its inference-time ablations (which need both groups)."""
+    place of the full adapter and of any inference-time ablation of it (which needs both
+    groups)."""
     profile = read_profile(DEMO_PROFILE)
     train = profile["train"]
     train["base"] = str(PROJECT / train["base"])

@@ -66,9 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the whole pipeline on the embedded default, the toy world",
         description="Runs the ifadapter-pipeline Prefect flow on configs/demo.yaml: generates a "
         "toy world and a held-out benchmark world, annotates them (oracle), trains the adapter "
-        "on the frozen toy base shipped in models/toy-base, and evaluates the base, the adapter "
-        "and its ablations with the world's exact verifiers. Writes OUT/report.html and "
-        "OUT/metrics.json; about 13 minutes on two cores (README: 'Set-up'). Rerunning resumes.",
+        "on the frozen toy base shipped in models/toy-base, and evaluates the base and the adapter "
+        "with the world's exact verifiers. Writes OUT/report.html and "
+        "OUT/metrics.json; about 11 minutes on two cores (README: 'Set-up'). Rerunning resumes.",
     )
     demo.add_argument("--out", type=Path, required=True, help="output directory")
     demo.add_argument(

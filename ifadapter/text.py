@@ -84,6 +84,10 @@ def encode_descriptions(
     """captions (M,) -> words (M, k, T, D), word_mask (M, T), eot (M, D).
 
     D is the sum of the encoders' hidden sizes; T is trimmed to the longest description.
+    The ids are padded to the longest description, not to CLIP's 77 positions: CLIP's text
+    encoders attend causally, so a position's states do not depend on what follows it, and the
+    features equal those of the 77-position encoding for a fraction of the work (descriptions
+    are a few words: a tenth of the positions in the toy world).
     ``device`` is where the token ids go, by default the first encoder's; a pipeline under
     sequential CPU offload passes its execution device, since its encoders' weights sit on
     the meta device between forwards.
@@ -93,7 +97,7 @@ def encode_descriptions(
     for tokenizer, encoder in zip(tokenizers, text_encoders, strict=True):
         ids = tokenizer(
             list(captions),
-            padding="max_length",
+            padding="longest",
             max_length=tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
